@@ -1,0 +1,98 @@
+"""Training-time attacks and the attack-strength schedule.
+
+The training attack is written here rather than taken from torchattacks because it sits in the hot loop:
+it differentiates w.r.t. the input only (`torch.autograd.grad(loss, x)`), runs under the caller's autocast,
+never toggles the model's train/eval mode behind the caller's back, never touches the global RNG (noise
+comes from the trial's generator) and never synchronises with the host. Evaluation uses torchattacks
+(`study.evaluation`, `study.robustness`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from study.config import AttackConfig
+from study.registry import Registry
+
+# eps as a fraction of the target, given progress t in [0, 1] through a stage and a warm-up fraction w.
+EpsSchedule = Callable[[float, float], float]
+EPS_SCHEDULES: Registry[EpsSchedule] = Registry("eps schedule")
+
+
+@EPS_SCHEDULES.register("constant")
+def _constant(t: float, w: float) -> float:
+    return 1.0
+
+
+@EPS_SCHEDULES.register("linear")
+def _linear(t: float, w: float) -> float:
+    """Linear warm-up from 0 to the target over the first w of the stage, then constant."""
+    return 1.0 if w <= 0 else min(1.0, t / w)
+
+
+@EPS_SCHEDULES.register("cosine")
+def _cosine(t: float, w: float) -> float:
+    """Half-cosine ramp from 0 to the target over the first w of the stage, then constant."""
+    return 1.0 if w <= 0 or t >= w else 0.5 * (1.0 - math.cos(math.pi * t / w))
+
+
+@EPS_SCHEDULES.register("step")
+def _step(t: float, w: float) -> float:
+    """Half the target for the first w of the stage, then the target."""
+    return 0.5 if t < w else 1.0
+
+
+@dataclass(frozen=True)
+class AttackStrength:
+    """The attack at one point of training: Linf radius, steps and absolute step size."""
+
+    eps: float
+    steps: int
+    step_size: float
+
+
+def strength_at(cfg: AttackConfig, progress: float) -> AttackStrength:
+    """The attack strength at `progress` in [0, 1] through a stage (evaluated once per epoch)."""
+    frac = EPS_SCHEDULES.get(cfg.schedule)(min(max(progress, 0.0), 1.0), cfg.warmup_fraction)
+    eps = min(1.0, cfg.eps * cfg.eps_multiplier * frac)
+    return AttackStrength(eps=eps, steps=cfg.steps, step_size=cfg.step_size * eps)
+
+
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    strength: AttackStrength,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Linf PGD (Madry et al.): adversarial images in the eps-ball around x and inside [0, 1].
+
+    `loss_fn(logits, y)` is maximised (default: cross-entropy). Gradients are taken w.r.t. the input only.
+    """
+    eps, alpha = strength.eps, strength.step_size
+    x = x.detach()
+    if eps <= 0:
+        return x.clone()
+    loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target))
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = (2 * noise - 1) * eps
+    else:
+        delta = torch.zeros_like(x)
+    x_adv = (x + delta).clamp_(0, 1)
+    for _ in range(strength.steps):
+        x_adv.requires_grad_(True)
+        loss = loss_fn(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        with torch.no_grad():
+            x_adv = x_adv + alpha * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+    return x_adv.detach()

@@ -1,0 +1,323 @@
+"""Typed, frozen configuration of one trial, and strict loading from YAML.
+
+A trial config is a tree of frozen dataclasses built once from a validated mapping. Unknown keys,
+wrong types, out-of-range values and unknown registry names raise `ConfigError`, which the CLI turns
+into one line naming the file, the key and the valid choices (exit status 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: names the file and the dotted key."""
+
+    def __init__(self, key: str, message: str, source: str | Path | None = None):
+        self.key, self.message, self.source = key, message, str(source) if source else None
+        where = f"{self.source}: " if self.source else ""
+        super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
+
+    def with_source(self, source: str | Path) -> "ConfigError":
+        return ConfigError(self.key, self.message, source)
+
+
+def _choices(*names: str) -> dict[str, Any]:
+    return {"choices": names}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # a name in study.data.DATASETS
+    root: str = "data"  # folder torchvision data sets are read from (and downloaded to, if allowed)
+    download: bool = False  # the network is often closed: read existing files unless told otherwise
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5, lo_open=True))  # carved from train
+    batch_size: int = field(default=128, metadata=_range(1))
+    eval_batch_size: int = field(default=512, metadata=_range(1))
+    augment: bool = True  # random-crop(4) + flip on the device for the 32x32 colour sets only
+    train_limit: int = field(default=0, metadata=_range(0))  # 0 = all; otherwise a seeded subset (smoke runs)
+    split_seed: int = 0  # fixed across trials so every trial sees the same val/test points
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "small_cnn"  # a name in study.models.ARCHS
+    width: int = field(default=0, metadata=_range(0))  # arch-specific width override; 0 = the arch default
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The robust objective of every stage (Sehwag et al.: train, prune and fine-tune with the target loss)."""
+
+    loss: str = field(default="pgd", metadata=_choices("pgd", "trades", "fgsm_rs", "natural"))
+    eps: float = field(default=0.1, metadata=_range(0.0, 1.0))  # target Linf radius, [0, 1] pixel units
+    eps_multiplier: float = field(default=1.0, metadata=_range(0.0, 4.0, lo_open=True))  # train eps = eps * this
+    steps: int = field(default=10, metadata=_range(1, 1000))  # PGD steps of the training attack
+    step_size: float = field(default=0.25, metadata=_range(0.0, 4.0, lo_open=True))  # per step, relative to eps
+    schedule: str = "constant"  # a name in study.attacks.EPS_SCHEDULES: eps over a stage's epochs
+    warmup_fraction: float = field(default=0.0, metadata=_range(0.0, 1.0))  # of a stage's epochs
+    trades_beta: float = field(default=6.0, metadata=_range(0.0))
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    epochs: int = field(default=1, metadata=_range(0))
+    lr: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
+    optimizer: str = field(default="sgd", metadata=_choices("sgd", "adam"))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0))
+    lr_schedule: str = field(default="cosine", metadata=_choices("cosine", "constant", "step"))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = field(default="hydra", metadata=_choices("hydra", "lwm", "random", "dense"))
+    keep_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))  # 0.1 = 90% pruned
+    scope: str = field(default="layer", metadata=_choices("layer", "global"))
+    score_init: str = "ssi"  # a name in study.pruning.SCORE_INITS
+    train_bn: bool = False  # let BatchNorm affine parameters train with the scores in the prune stage
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eps: float = field(default=-1.0, metadata=_range(-1.0, 1.0))  # -1 = attack.eps
+    steps: int = field(default=20, metadata=_range(1))
+    restarts: int = field(default=1, metadata=_range(1))
+    step_size: float = field(default=0.1, metadata=_range(0.0, 4.0, lo_open=True))  # relative to eps
+    points: int = field(default=0, metadata=_range(0))  # 0 = the whole split
+    val_points: int = field(default=512, metadata=_range(0))  # per-epoch validation budget; 0 = whole split
+    val_steps: int = field(default=10, metadata=_range(1))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    name: str = "trial"
+    seed: int = 0
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16"))  # auto: bf16 on CUDA
+    compile: bool = False  # torch.compile on CUDA
+    output_dir: str = "runs/trials"  # where `study trial` writes result JSON and exported weights
+    cache_dir: str = "runs/pretrained"  # dense checkpoints, keyed by pretrain_key()
+    pretrained: str = ""  # a checkpoint to load instead of pre-training
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain_attack: AttackConfig = AttackConfig()  # the dense model's robust objective (fixed per study)
+    attack: AttackConfig = AttackConfig()  # the prune and fine-tune stages' objective (searched)
+    pretrain: StageConfig = StageConfig(epochs=10, lr=0.1)
+    prune: PruneConfig = PruneConfig()
+    prune_stage: StageConfig = StageConfig(epochs=5, lr=0.1)
+    finetune: StageConfig = StageConfig(epochs=5, lr=0.01)
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def eval_eps(self) -> float:
+        return self.attack.eps if self.eval.eps < 0 else self.eval.eps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flat dotted params (MLflow's parallel-coordinates view wants these)."""
+        return flatten(self.to_dict())
+
+    def pretrain_key(self) -> str:
+        """Key of the dense robust model: everything that changes it, nothing that does not."""
+        parts = {
+            "data": dataclasses.asdict(self.data),
+            "model": dataclasses.asdict(self.model),
+            "attack": dataclasses.asdict(self.pretrain_attack),
+            "pretrain": dataclasses.asdict(self.pretrain),
+            "seed": self.seed,
+            "precision": self.precision,
+        }
+        parts["data"].pop("root"), parts["data"].pop("download"), parts["data"].pop("eval_batch_size")
+        blob = json.dumps(parts, sort_keys=True).encode()
+        return f"{self.data.name}-{self.model.arch}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(dotted, f"'{p}' is a value, not a section")
+        node[leaf] = value
+    return tree
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building dataclasses from mappings, strictly.
+
+
+def _registry_choices(cls: type, name: str) -> tuple[str, ...] | None:
+    """Fields whose valid values live in a registry (imported lazily: config must not import torch)."""
+    if (cls, name) == (DataConfig, "name"):
+        from study.data import DATASETS
+        return tuple(DATASETS.names())
+    if (cls, name) == (ModelConfig, "arch"):
+        from study.models import ARCHS
+        return tuple(ARCHS.names())
+    if (cls, name) == (AttackConfig, "schedule"):
+        from study.attacks import EPS_SCHEDULES
+        return tuple(EPS_SCHEDULES.names())
+    if (cls, name) == (PruneConfig, "score_init"):
+        from study.pruning import SCORE_INITS
+        return tuple(SCORE_INITS.names())
+    return None
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a section (mapping), got {value!r}")
+        return build(typ, value, prefix=key + ".")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(key, f"expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return int(as_float)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"expected a number, got {value!r}") from None
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _check(cls: type, f: dataclasses.Field, value: Any, key: str) -> None:
+    choices = f.metadata.get("choices") or _registry_choices(cls, f.name)
+    if choices is not None and value not in choices:
+        raise ConfigError(key, f"unknown value {value!r}; valid choices: {', '.join(choices)}")
+    if "range" in f.metadata:
+        lo, hi, lo_open = f.metadata["range"]
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            bound = f"> {lo}" if lo_open else f">= {lo}"
+            raise ConfigError(key, f"{value!r} is out of range; must be {bound}" + (f" and <= {hi}" if hi is not None else ""))
+        if hi is not None and value > hi:
+            raise ConfigError(key, f"{value!r} is out of range; must be <= {hi}")
+
+
+def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and bad values raise ConfigError."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(prefix + str(unknown[0]), f"unknown key; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if isinstance(typ, types.UnionType):
+            typ = next(t for t in typing.get_args(typ) if t is not type(None))
+        coerced = _coerce(value, typ, prefix + name)
+        if not dataclasses.is_dataclass(typ):
+            _check(cls, fields[name], coerced, prefix + name)
+        kwargs[name] = coerced
+    # Defaults of registry-backed fields are checked too, so a bad default can never hide.
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set key=value` value, read as YAML (numbers, booleans, strings)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(pair, "an override is written key=value (e.g. prune.keep_fraction=0.05)")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", "no such file", path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise ConfigError(where, f"not valid YAML ({getattr(e, 'problem', e)})", path) from None
+    if not isinstance(data, dict):
+        raise ConfigError("", "the top level must be a mapping of keys", path)
+    return data
+
+
+def trial_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> TrialConfig:
+    """A TrialConfig from a nested mapping plus dotted overrides (each override must name a real key)."""
+    merged = merge(data, unflatten(overrides or {}))
+    return build(TrialConfig, merged)
+
+
+def load_trial(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrialConfig:
+    """Load a trial config file. A search-space file works too: its `trial:` section is the trial."""
+    data = read_yaml(path)
+    if "trial" in data and isinstance(data["trial"], Mapping) and ("search" in data or "study" in data):
+        data = dict(data["trial"])
+    try:
+        return trial_from_dict(data, overrides)
+    except ConfigError as e:
+        raise e.with_source(path) from None

@@ -1,0 +1,106 @@
+"""The one train loop. Natural, PGD-AT, TRADES and FGSM-RS are losses handed to it; the attack strength
+is computed by the caller once per epoch; what happens after an optimizer step (HYDRA's mask refresh) is a
+hook. Metrics accumulate on the device and are read once per epoch: no host sync in the inner loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from study.attacks import AttackStrength
+from study.config import StageConfig
+from study.losses import Loss
+
+
+class TrialFailed(RuntimeError):
+    """The trial cannot go on (a NaN or infinite loss): recorded as failed, the study continues."""
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors compute: chosen once per trial."""
+
+    device: torch.device
+    bf16: bool  # autocast to bfloat16 (CUDA)
+    channels_last: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+def resolve_runtime(device: str, precision: str) -> Runtime:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but CUDA is not available on this machine")
+    dev = torch.device(device)
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    return Runtime(device=dev, bf16=bf16, channels_last=dev.type == "cuda")
+
+
+def make_optimizer(params: Iterable[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay,
+                               nesterov=stage.momentum > 0)
+    if stage.optimizer == "adam":
+        return torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    raise ValueError(f"unknown optimizer {stage.optimizer!r}")
+
+
+def make_scheduler(opt: torch.optim.Optimizer, stage: StageConfig, steps_per_epoch: int):
+    """Learning-rate schedule stepped once per optimizer step."""
+    total = max(1, stage.epochs * steps_per_epoch)
+    if stage.lr_schedule == "cosine":
+        fn = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    elif stage.lr_schedule == "step":
+        fn = lambda step: 0.1 ** (int(step >= 0.5 * total) + int(step >= 0.75 * total))  # noqa: E731
+    else:
+        fn = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Loss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    strength: AttackStrength,
+    runtime: Runtime,
+    generator: torch.Generator | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """One epoch of robust training; returns mean loss and accuracy (on the examples trained on)."""
+    model.train()
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    seen = 0
+    for x, y in batches:
+        x = runtime.prepare(x)
+        with runtime.autocast():
+            loss, logits = loss_fn(model, x, y, strength, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if after_step is not None:
+            after_step()
+        loss_sum += loss.detach().float() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.numel()
+    mean_loss = (loss_sum / max(seen, 1)).item()
+    if not math.isfinite(mean_loss):
+        raise TrialFailed(f"training loss is {mean_loss} (eps {strength.eps:.4g}, lr {scheduler.get_last_lr()[0]:.3g})")
+    return {"train_loss": mean_loss, "train_acc": correct.item() / max(seen, 1), "lr": scheduler.get_last_lr()[0],
+            "eps": strength.eps}

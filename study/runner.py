@@ -1,0 +1,633 @@
+"""`study run | resume | report`: a Ray Tune Tuner searched by Optuna, recorded in MLflow.
+
+    study run search_spaces/quickstart.yaml      one search-space file = one study
+    study resume quickstart                      continue an interrupted study (Ctrl-C, killed driver)
+    study report quickstart                      reprint the Pareto front from the Optuna storage
+
+Layout of a study (runs/<name>/): study.json (manifest: where everything is), space.yaml (the
+validated file), optuna.db, tune/<name>/ (the Tune experiment), pretrained/, trials/<number>/,
+pareto.csv. MLflow defaults to runs/mlflow.db (one experiment per study).
+
+No lost and no duplicated trials across a resume:
+- Tune restores its trials and the searcher (which maps Tune trial ids to Optuna trials) from the
+  experiment checkpoint; unfinished Tune trials continue from their last epoch checkpoint.
+- An Optuna trial asked after the last experiment checkpoint (the driver died in between) is left
+  RUNNING with no Tune trial: `StudySearch` adopts such orphans for the next trials Tune creates
+  instead of asking new ones, so the study holds exactly n_trials trials.
+- A trial that finished after the last checkpoint is rerun by Tune, finds its final.json and
+  reports it again; Optuna ignores a second tell, MLflow reuses the run keyed by Optuna number.
+- Every trial ends COMPLETE with finite objectives or FAIL; a trial still RUNNING when the search
+  ends is failed with a log line (a bug if it happens).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from study.config import ConfigError, parse_overrides
+from study.space import SearchSpace, load_space
+from study.trainable import NUMBER_KEY, build_config, pretrain_task, study_trainable
+
+log = logging.getLogger("study.runner")
+
+DEFAULT_SPACE = "search_spaces/quickstart.yaml"
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # small: trial data lives in the trial, not in Ray's store
+
+
+def _sampler_classes() -> dict[str, Callable[[], type]]:
+    def get(name: str) -> Callable[[], type]:
+        def load() -> type:
+            import optuna
+
+            return getattr(optuna.samplers, name)
+        return load
+
+    return {"tpe": get("TPESampler"), "nsga2": get("NSGAIISampler"), "gp": get("GPSampler"),
+            "random": get("RandomSampler")}
+
+
+SAMPLER_CLASSES = _sampler_classes()
+
+
+def make_sampler(space: SearchSpace) -> Any:
+    s = space.study
+    return SAMPLER_CLASSES[s.sampler]()(seed=s.seed, **s.sampler_options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where a study lives.
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    root: Path  # runs/<name>, absolute
+    name: str
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "study.json"
+
+    @property
+    def space(self) -> Path:
+        return self.root / "space.yaml"
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def experiment(self) -> Path:
+        return self.tune_dir / self.name
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    @property
+    def pretrained(self) -> Path:
+        return self.root / "pretrained"
+
+    @property
+    def pareto(self) -> Path:
+        return self.root / "pareto.csv"
+
+    @property
+    def default_storage(self) -> str:
+        return f"sqlite:///{self.root / 'optuna.db'}"
+
+
+def study_paths(runs_dir: str | Path, name: str) -> StudyPaths:
+    return StudyPaths(Path(runs_dir).resolve() / name, name)
+
+
+@dataclass
+class Manifest:
+    name: str
+    space_file: str  # the file the study came from
+    storage: str  # Optuna storage URL or journal file
+    tracking_uri: str
+    parent_run_id: str = ""
+    runs_dir: str = ""
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        return cls(**json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optuna.
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna storage object from a URL: RDB URLs (sqlite://, postgresql://, mysql://...) or a
+    journal file (`journal:///abs/path.log`, or any path ending in .log / .journal)."""
+    import optuna
+
+    path = url[len("journal:"):] if url.startswith("journal:") else url
+    if url.startswith("journal:") or ("://" not in url and path.endswith((".log", ".journal"))):
+        path = "/" + path.lstrip("/") if path.startswith("//") else path
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    if "://" not in url:
+        raise ConfigError("--storage", f"{url!r} is neither a database URL (sqlite:///abs/optuna.db) nor a journal file (*.log)")
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_storage(url: str) -> Any:
+    return open_storage(url)
+
+
+def load_optuna_study(url: str, name: str, space: SearchSpace | None = None) -> Any:
+    import optuna
+
+    storage = open_storage(url)
+    if space is None:
+        return optuna.load_study(study_name=name, storage=storage)
+    directions = ["minimize" if m == "min" else "maximize" for m in space.study.modes]
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError("study.objectives", f"the Optuna study {name!r} exists with other directions "
+                          f"({[d.name.lower() for d in study.directions]}); pick another study name or --fresh")
+    return study
+
+
+def link_mlflow_run(storage_url: str, study_name: str, number: int, run_id: str) -> None:
+    """Record the MLflow run id with the Optuna trial (while it is still RUNNING)."""
+    from optuna.trial import TrialState
+
+    storage = _cached_storage(storage_url)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        if storage.get_trial(trial_id).state == TrialState.RUNNING:
+            storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+    except Exception as e:  # a missing link loses a column of the report, never a trial
+        log.warning("could not link MLflow run %s to Optuna trial %d: %s", run_id, number, e)
+
+
+def _define_by_run(space: SearchSpace, trial: Any) -> dict[str, Any]:
+    values = space.suggest(trial)
+    return {**values, NUMBER_KEY: trial.number}
+
+
+def _searcher_class() -> type:
+    from optuna.trial import Trial, TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    from study.tracking import numeric_metrics
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch that never leaves a trial RUNNING and adopts orphans on resume."""
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if self._ot_study is not None and trial_id not in self._ot_trials:
+                orphan = self._orphan()
+                if orphan is not None:
+                    log.warning("resuming Optuna trial %d (asked before the driver stopped, never run)", orphan.number)
+                    self._ot_trials[trial_id] = Trial(self._ot_study, orphan._trial_id)
+            return super().suggest(trial_id)
+
+        def _orphan(self) -> Any:
+            claimed = {t.number for t in self._ot_trials.values()}
+            running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            return next((t for t in sorted(running, key=lambda t: t.number) if t.number not in claimed), None)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            return  # multi-objective: Optuna takes no intermediate values
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials:
+                return
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None:
+                log.warning("Tune trial %s completed but has no Optuna trial; ignored", trial_id)
+                return
+            self._completed_trials.add(trial_id)
+            storage = self._ot_study._storage
+            if storage.get_trial(ot_trial._trial_id).state.is_finished():
+                return  # told before the driver stopped; this is the rerun of a finished trial
+            metrics = list(self.metric) if isinstance(self.metric, list) else [self.metric]
+            result = result or {}
+            values = [result.get(m) for m in metrics]
+            finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            if result.get("final") and finite and not error:
+                for key, value in numeric_metrics(result).items():
+                    if key not in ("final", "step", "epoch"):
+                        ot_trial.set_user_attr(key, value)
+                self._ot_study.tell(ot_trial, [float(v) for v in values], state=TrialState.COMPLETE)
+                return
+            reason = ("the trial raised (see Tune's error file)" if error else
+                      "stopped before its final report" if not result.get("final") else
+                      f"objective not finite: {dict(zip(metrics, values))}")
+            ot_trial.set_user_attr("fail_reason", reason)
+            log.warning("Optuna trial %d recorded as FAIL: %s", ot_trial.number, reason)
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+
+    return StudySearch
+
+
+def fail_running(study: Any, reason: str) -> int:
+    """Last resort at the end of a search: no Optuna trial may stay RUNNING."""
+    from optuna.trial import TrialState
+
+    stuck = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    for t in stuck:
+        log.error("Optuna trial %d was still %s at the end of the study (%s); recording it as FAIL",
+                  t.number, t.state.name, reason)
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(stuck)
+
+
+def finished_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray.
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 log_to_driver=True)
+
+
+def resolve_gpus(setting: Any) -> float:
+    if setting != "auto":
+        return float(setting)
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{int(trial.config.get(NUMBER_KEY, 0)):04d}"
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{int(trial.config.get(NUMBER_KEY, 0)):04d}_{trial.trial_id}"
+
+
+def _flat_params(base: dict, fixed: dict, config: Mapping[str, Any]) -> dict[str, Any]:
+    return build_config(base, fixed, config).flat()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A study, run or resumed.
+
+
+@dataclass
+class Outcome:
+    status: str  # "complete" | "interrupted"
+    complete: int
+    failed: int
+    rows: list[dict[str, Any]]
+    pareto_csv: Path | None
+    parent_run_id: str
+
+
+class Study:
+    """Everything one study needs, built from its search space and its manifest."""
+
+    def __init__(self, space: SearchSpace, paths: StudyPaths, manifest: Manifest,
+                 run_trial: Callable | None = None, pretrain: Callable | None = None):
+        self.space, self.paths, self.manifest = space, paths, manifest
+        self.run_trial, self.pretrain = run_trial, pretrain
+        s = space.study
+        cache = space.base_config().cache_dir
+        explicit_cache = "cache_dir" in space.trial
+        self.fixed = {"name": s.name, "cache_dir": str(Path(cache).resolve() if explicit_cache else paths.pretrained),
+                      "output_dir": str(paths.trials)}
+
+    # --- pieces ----------------------------------------------------------------------------------
+
+    def tracker(self) -> Any:
+        from study.tracking import Tracker
+
+        uri = self.manifest.tracking_uri
+        root = str(Path(self.manifest.runs_dir) / "mlartifacts") if uri.startswith("sqlite:") else None
+        return Tracker(uri, self.space.study.name, artifact_root=root)
+
+    def trainable(self, cpus: float, gpus: float) -> Any:
+        from ray import tune
+
+        s = self.space.study
+        fn = tune.with_parameters(study_trainable, base=self.space.trial, fixed=self.fixed, objectives=s.metrics,
+                                  study_dir=str(self.paths.root), threads=max(1, int(cpus)), run_trial=self.run_trial)
+        return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
+
+    def searcher(self) -> Any:
+        s = self.space.study
+        return _searcher_class()(space=functools.partial(_define_by_run, self.space), metric=s.metrics,
+                                 mode=s.modes, sampler=make_sampler(self.space), study_name=s.name,
+                                 storage=open_storage(self.manifest.storage))
+
+    def callback(self, tracker: Any) -> Any:
+        from study.tracking import MlflowTrialCallback
+
+        return MlflowTrialCallback(tracker, self.space.study.name, self.manifest.parent_run_id, str(self.paths.space),
+                                   trial_params=functools.partial(_flat_params, self.space.trial, self.fixed),
+                                   link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name))
+
+    def run_pretraining(self, cpus: float, gpus: float) -> None:
+        """The dense model, once per study, as a Ray task on the trials' kind of resources."""
+        import ray
+
+        cfg = self.space.trial_config({}, self.fixed)
+        if gpus == 0:  # nothing else runs yet: give the CPU-only pretraining every core the trials would use
+            cpus = max(cpus, min(ray.cluster_resources().get("CPU", 1), cpus * self.space.study.max_concurrent))
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(pretrain_task)
+        t0 = time.perf_counter()
+        print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) on {cpus:g} CPU / {gpus:g} GPU ...", flush=True)
+        path = ray.get(task.remote(cfg, max(1, int(cpus)), self.pretrain))
+        print(f"[study] dense model ready in {time.perf_counter() - t0:.1f}s: {path}", flush=True)
+
+    # --- the search ------------------------------------------------------------------------------
+
+    def execute(self, *, resume: bool) -> Outcome:
+        from ray import tune
+
+        s = self.space.study
+        optuna_study = load_optuna_study(self.manifest.storage, s.name, self.space)
+        tracker = self.tracker()
+        from study.tracking import open_parent_run
+
+        params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
+        self.manifest.parent_run_id = open_parent_run(tracker, s.name, self.manifest.parent_run_id, params,
+                                                      self.paths.space)
+        self.manifest.save(self.paths.manifest)
+        gpus = resolve_gpus(s.gpus_per_trial)
+        cpus = s.cpus_per_trial
+        remaining = s.n_trials - finished_count(optuna_study)
+        t0 = time.monotonic()
+        if remaining > 0 or (resume and tune.Tuner.can_restore(str(self.paths.experiment))):
+            self.run_pretraining(cpus, gpus)
+            tuner = self._tuner(resume, remaining, cpus, gpus, tracker)
+            tuner.fit()
+        elapsed = time.monotonic() - t0
+        done = finished_count(optuna_study)
+        budget_spent = s.time_budget_s > 0 and elapsed >= s.time_budget_s
+        if done < s.n_trials and not budget_spent:
+            tracker.finish(self.manifest.parent_run_id, "KILLED")
+            print(f"\n[study] {s.name}: interrupted after {done} of {s.n_trials} trials. Continue with:\n"
+                  f"    study resume {s.name}" + (f" --runs-dir {self.manifest.runs_dir}" if self._custom_runs_dir() else ""),
+                  flush=True)
+            return Outcome("interrupted", *self._counts(optuna_study), [], None, self.manifest.parent_run_id)
+        fail_running(optuna_study, "the search ended while it was RUNNING")
+        return self.finish(optuna_study, tracker)
+
+    def _custom_runs_dir(self) -> bool:
+        return Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
+
+    def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any) -> Any:
+        from ray import tune
+
+        trainable = self.trainable(cpus, gpus)
+        if resume and tune.Tuner.can_restore(str(self.paths.experiment)):
+            print(f"[study] restoring the Tune experiment {self.paths.experiment}", flush=True)
+            return tune.Tuner.restore(str(self.paths.experiment), trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False)
+        if self.paths.experiment.exists():  # a Tune folder that cannot be restored (died while starting)
+            shutil.rmtree(self.paths.experiment)
+        s = self.space.study
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=self.searcher(), num_samples=remaining,
+                                        max_concurrent_trials=s.max_concurrent,
+                                        time_budget_s=s.time_budget_s or None,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=s.name, storage_path=str(self.paths.tune_dir),
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[self.callback(tracker)]),
+        )
+
+    def _counts(self, study: Any) -> tuple[int, int]:
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        return (sum(t.state == TrialState.COMPLETE for t in trials), sum(t.state == TrialState.FAIL for t in trials))
+
+    def finish(self, optuna_study: Any, tracker: Any | None = None) -> Outcome:
+        from analysis import pareto
+
+        s = self.space.study
+        rows = pareto.front_rows(optuna_study, s.metrics)
+        csv = pareto.write_csv(rows, self.paths.pareto)
+        complete, failed = self._counts(optuna_study)
+        hv = pareto.study_hypervolume(optuna_study)
+        print_front(s.name, rows, self.space.keys, complete, failed, hv, csv)
+        if tracker is not None:
+            run = self.manifest.parent_run_id
+            tracker.log_batch(run, metrics={"trials_complete": complete, "trials_failed": failed,
+                                            "pareto_size": len(rows), "hypervolume": hv})
+            tracker.log_file(run, csv)
+            tracker.finish(run, "FINISHED")
+        print_viewers(self.paths, self.manifest, s.metrics)
+        return Outcome("complete", complete, failed, rows, csv, self.manifest.parent_run_id)
+
+
+def print_front(name: str, rows: list[dict], keys: list[str], complete: int, failed: int, hv: float, csv: Path) -> None:
+    from analysis import pareto
+
+    title = (f"\nPareto front of study '{name}': {len(rows)} of {complete} complete trials "
+             f"({failed} failed); hypervolume {hv:.4g}")
+    print(pareto.format_table(pareto.compact_params(rows, keys), title=title))
+    print(f"written to {csv}", flush=True)
+
+
+def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str]) -> None:
+    store = manifest.storage
+    dash = store[len("journal:"):] if store.startswith("journal:") else store
+    cols = ",".join(["trial_id", "status", *[f"{m}" for m in metrics], "clean_acc", "config/prune.keep_fraction"])
+    print("\nLook at it with:\n"
+          f"    mlflow ui --backend-store-uri {manifest.tracking_uri}\n"
+          f"    optuna-dashboard {dash}\n"
+          f"    tune ls {paths.experiment} --columns {cols}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points for study.cli and tests.
+
+
+def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri: str | None = None,
+              storage: str | None = None, fresh: bool = False, run_trial: Callable | None = None,
+              pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None) -> Outcome:
+    """Start a study from a validated search space (refuses to overwrite one unless `fresh`)."""
+    from study.tracking import default_tracking_uri
+
+    name = space.study.name
+    paths = study_paths(runs_dir, name)
+    url = storage or space.study.storage or paths.default_storage
+    if fresh:
+        wipe_study(paths, url, tracking_uri or default_tracking_uri(runs_dir))
+    elif paths.manifest.exists() or paths.experiment.exists():
+        raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.root}; "
+                          f"continue it with `study resume {name}`, or start over with --fresh", space.path)
+    manifest = Manifest(name=name, space_file=str(Path(space.path).resolve()), storage=url,
+                        tracking_uri=tracking_uri or default_tracking_uri(runs_dir),
+                        runs_dir=str(Path(runs_dir).resolve()))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    header = f"# the validated search space of study {name!r}, from {space.path}\n"
+    paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
+    manifest.save(paths.manifest)
+    start_ray(address, num_cpus)
+    return Study(space, paths, manifest, run_trial, pretrain).execute(resume=False)
+
+
+def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callable | None = None,
+                 pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None) -> Outcome:
+    """Continue a study from its manifest: Tune's checkpoint where there is one, Optuna's storage anyway."""
+    paths, manifest, space = _open(name, runs_dir)
+    start_ray(address, num_cpus)
+    return Study(space, paths, manifest, run_trial, pretrain).execute(resume=True)
+
+
+def report_study(name: str, *, runs_dir: str | Path = "runs") -> Outcome:
+    paths, manifest, space = _open(name, runs_dir)
+    study = load_optuna_study(manifest.storage, name)
+    return Study(space, paths, manifest).finish(study)
+
+
+def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, SearchSpace]:
+    paths = study_paths(runs_dir, name)
+    if not paths.manifest.is_file():
+        known = sorted(p.parent.name for p in Path(runs_dir).glob("*/study.json"))
+        raise ConfigError("", f"no study named {name!r} in {Path(runs_dir).resolve()}; "
+                          f"studies there: {', '.join(known) or '(none)'}")
+    manifest = Manifest.load(paths.manifest)
+    return paths, manifest, load_space(paths.space)
+
+
+def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str) -> None:
+    """--fresh: forget a study (its folder, its Optuna study, its MLflow runs)."""
+    import optuna
+
+    name = paths.name
+    try:
+        optuna.delete_study(study_name=name, storage=open_storage(storage_url))
+    except KeyError:
+        pass
+    from study.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, name)
+    if tracker.client.get_experiment_by_name(name) is not None:
+        for run in tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.study = '{name}'"):
+            tracker.client.delete_run(run.info.run_id)
+    for sub in (paths.tune_dir, paths.trials):
+        shutil.rmtree(sub, ignore_errors=True)
+    for f in (paths.manifest, paths.space, paths.pareto):
+        f.unlink(missing_ok=True)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default="runs", help="where studies live (default: runs)")
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("space", nargs="?", default=DEFAULT_SPACE, help=f"search-space file (default: {DEFAULT_SPACE})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a value of the file, e.g. --set study.n_trials=4 --set trial.finetune.epochs=2")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<runs-dir>/mlflow.db)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL or journal file (default: the file's "
+                   "study.storage, else sqlite:///<runs-dir>/<study>/optuna.db)")
+    p.add_argument("--fresh", action="store_true", help="delete an existing study of the same name first")
+    _add_common(p)
+    _add_ray(p)
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="study name (the folder under --runs-dir)")
+    _add_common(p)
+    _add_ray(p)
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="study name (the folder under --runs-dir)")
+    _add_common(p)
+
+
+def add_commands(sub: Any) -> None:
+    """Register run, resume and report on the `study` CLI's subparsers."""
+    p = sub.add_parser("run", help="run a study: Ray Tune trials searched by Optuna, recorded in MLflow")
+    add_run_args(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("resume", help="continue an interrupted study (no lost, no duplicated trials)")
+    add_resume_args(p)
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("report", help="print a study's Pareto front and write its pareto.csv")
+    add_report_args(p)
+    p.set_defaults(func=cmd_report)
+
+
+def _exit_code(outcome: Outcome) -> int:
+    return 0 if outcome.status == "complete" else 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    space = load_space(args.space, parse_overrides(args.set or []))
+    outcome = run_study(space, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, storage=args.storage,
+                        fresh=args.fresh, address=args.address, num_cpus=args.num_cpus)
+    return _exit_code(outcome)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    outcome = resume_study(args.name, runs_dir=args.runs_dir, address=args.address, num_cpus=args.num_cpus)
+    return _exit_code(outcome)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    report_study(args.name, runs_dir=args.runs_dir)
+    return 0
+
+
+if __name__ == "__main__":  # python -m study.runner run ...
+    parser = argparse.ArgumentParser(prog="study")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))

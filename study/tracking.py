@@ -1,0 +1,255 @@
+"""MLflow records of a study: one parent run per study, one nested run per trial, batched logging.
+
+All logging happens in the driver, from a Tune callback: one writer for the tracking store (no sqlite
+lock contention between trial processes), and a trial that dies without a word (OOM kill, lost node)
+is still marked FAILED. A trial's nested run is keyed by its Optuna trial number (tag
+`optuna_trial_number`), which survives a resume, so a resumed trial reuses its run instead of adding
+one. mlflow is imported lazily: importing this module costs nothing.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
+
+# Result keys Tune adds or that are not metrics.
+_NOT_METRICS = set(AUTO_RESULT_KEYS) | {
+    "done", "trial_id", "experiment_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name",
+    "training_iteration", "optuna_trial_number",
+}
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+MAX_PARAM_CHARS = 6000
+
+
+def default_tracking_uri(runs_dir: str | Path) -> str:
+    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags() -> dict[str, str]:
+    """Git sha and library versions: every run says what produced it."""
+    tags = {"git_sha": git_sha(), "python_version": platform.python_version()}
+    for lib in ("torch", "ray", "optuna", "mlflow"):
+        try:
+            tags[f"{lib}_version"] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            tags[f"{lib}_version"] = "absent"
+    return tags
+
+
+def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a Tune result that are ours (not Tune's bookkeeping, not config)."""
+    out = {}
+    for key, value in result.items():
+        if key in _NOT_METRICS or key.startswith("config/") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class Tracker:
+    """A small MLflow client wrapper: get-or-create runs by tag, one log_batch call per event."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_root = artifact_root  # local file stores: keep artifacts beside the runs folder
+        self._client = None
+        self._experiment_id: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                location = Path(self.artifact_root).resolve().as_uri() if self.artifact_root else None
+                self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def find_run(self, tags: Mapping[str, str]) -> Any | None:
+        query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    def create_run(self, name: str, tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        return run.info.run_id
+
+    def log_batch(self, run_id: str, metrics: Mapping[str, float] | None = None, step: int = 0,
+                  params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        """Metrics, params and tags in as few calls as MLflow's limits allow (usually one)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items()]
+        ps = [Param(k, _param_text(v)) for k, v in (params or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        while ms or ps or ts:
+            chunk = ps[:MAX_PARAMS_PER_BATCH]
+            self.client.log_batch(run_id, metrics=ms[:1000], params=chunk, tags=ts[:100])
+            ms, ps, ts = ms[1000:], ps[MAX_PARAMS_PER_BATCH:], ts[100:]
+
+    def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None:
+        self.client.log_dict(run_id, dict(data), name)
+
+    def log_file(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        if Path(path).is_file():
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def last_step(self, run: Any) -> int:
+        return int(run.data.metrics.get("step", 0)) if run is not None else 0
+
+
+def _param_text(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:MAX_PARAM_CHARS]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study's parent run.
+
+
+def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapping[str, Any] | None = None,
+                    space_file: str | Path | None = None) -> str:
+    """Find the study's parent run (by id, then by tag) or create it; mark it RUNNING."""
+    run = None
+    if run_id:
+        try:
+            run = tracker.client.get_run(run_id)
+        except Exception:  # deleted or another store: fall back to the tag
+            run = None
+    if run is None:
+        run = tracker.find_run({"study": study, "run_role": "study"})
+    if run is not None:
+        tracker.reopen(run.info.run_id)
+        return run.info.run_id
+    run_id = tracker.create_run(study, {"study": study, "run_role": "study", **provenance_tags()})
+    tracker.log_batch(run_id, params=params or {})
+    if space_file:
+        tracker.log_file(run_id, space_file)
+    return run_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nested trial runs, from the driver.
+
+
+class MlflowTrialCallback(Callback):
+    """Tune callback: a nested MLflow run per trial, one log_batch per reported epoch.
+
+    `trial_params(config)` maps a Tune trial config to the flat dotted TrialConfig params;
+    `link(number, run_id)` records the run id with the Optuna trial (both picklable: this callback is
+    pickled with the Tuner and restored on resume).
+    """
+
+    def __init__(self, tracker: Tracker, study: str, parent_run_id: str, space_file: str,
+                 trial_params: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+                 link: Callable[[int, str], None] | None = None):
+        self.tracker, self.study, self.parent_run_id = tracker, study, parent_run_id
+        self.space_file, self.trial_params, self.link = space_file, trial_params, link
+        self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self._steps: dict[str, int] = {}  # MLflow run id -> last step logged
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_runs": {}, "_steps": {}}
+
+    def get_state(self) -> dict | None:
+        return None  # everything is found again by tag
+
+    def _run_id(self, trial: Any) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        number = int(trial.config.get("optuna_trial_number", -1))
+        key = {"study": self.study, "optuna_trial_number": str(number), "mlflow.parentRunId": self.parent_run_id}
+        run = self.tracker.find_run(key)
+        if run is None:
+            run_id = self.tracker.create_run(f"{self.study}-{number:04d}", {
+                **key, "run_role": "trial", "tune_trial_id": trial.trial_id, **provenance_tags()})
+            self._start(run_id, trial)
+            self._steps[run_id] = 0
+        else:
+            run_id = run.info.run_id
+            self.tracker.reopen(run_id)
+            self.tracker.log_batch(run_id, tags={"tune_trial_id": trial.trial_id})
+            self._steps[run_id] = self.tracker.last_step(run)
+        self._runs[trial.trial_id] = run_id
+        if self.link is not None:
+            self.link(number, run_id)
+        return run_id
+
+    def _start(self, run_id: str, trial: Any) -> None:
+        try:
+            params = dict(self.trial_params(trial.config))
+        except Exception as e:  # a bad config fails the trial itself; record what we can
+            params = {"config_error": str(e)}
+        self.tracker.log_batch(run_id, params=params)
+        self.tracker.log_dict(run_id, params, "trial_config.json")
+        self.tracker.log_file(run_id, self.space_file)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        if step <= self._steps.get(run_id, 0):
+            return  # already logged before a resume
+        metrics = numeric_metrics(result)
+        metrics["step"] = float(step)
+        self.tracker.log_batch(run_id, metrics=metrics, step=step)
+        self._steps[run_id] = step
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        final = bool((trial.last_result or {}).get("final"))
+        status = "FINISHED" if final else "KILLED"
+        if not final:
+            self.tracker.log_batch(run_id, tags={"fail_reason": "stopped before its final report"})
+        self.tracker.finish(run_id, status)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_id(trial)
+        reason = (getattr(trial, "error_message", None) or "trial raised").strip().splitlines()
+        self.tracker.log_batch(run_id, tags={"fail_reason": (reason[-1] if reason else "trial raised")[:500]})
+        self.tracker.finish(run_id, "FAILED")

@@ -1,0 +1,109 @@
+"""The Ray Tune function trainable: one trial = pipeline.run_trial on one searched config.
+
+Tune hands it the searched values (flat dotted keys) plus `optuna_trial_number`; the fixed part of
+the config comes through `tune.with_parameters`. Every epoch goes to `ray.tune.report` with a resume
+checkpoint; the last report carries the final metrics, every objective finite, and `final: 1`. A trial
+that cannot produce that raises, so Tune marks it ERROR and Optuna records it FAIL.
+
+A trial's files live in `<study_dir>/trials/<optuna number>/` (result.json, model.pt, final.json):
+keyed by the Optuna number, which survives a resume, so a trial that had already finished when the
+driver died reports its saved result again instead of training twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from study.config import trial_from_dict
+
+NUMBER_KEY = "optuna_trial_number"
+FINAL_FILE = "final.json"
+
+
+class ObjectiveNotFinite(RuntimeError):
+    """The final metrics lack an objective or hold NaN/inf: the trial counts as failed."""
+
+
+def trial_dir(study_dir: str | Path, number: int) -> Path:
+    return Path(study_dir) / "trials" / f"{number:04d}"
+
+
+def searched_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The searched dotted keys of a Tune trial config (everything but our bookkeeping)."""
+    return {k: v for k, v in config.items() if k != NUMBER_KEY}
+
+
+def build_config(base: Mapping[str, Any], fixed: Mapping[str, Any], config: Mapping[str, Any]):
+    number = int(config.get(NUMBER_KEY, 0))
+    overrides = {**fixed, **searched_values(config), "name": f"{fixed.get('name', 'trial')}-{number:04d}"}
+    return trial_from_dict(base, overrides)
+
+
+def check_objectives(metrics: Mapping[str, Any], objectives: Sequence[str]) -> None:
+    bad = [m for m in objectives if not isinstance(metrics.get(m), (int, float)) or not math.isfinite(metrics[m])]
+    if bad:
+        raise ObjectiveNotFinite(f"objective(s) {', '.join(bad)} missing or not finite: "
+                                 f"{ {m: metrics.get(m) for m in bad} }")
+
+
+def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequence[str], study_dir: str,
+                    threads: int = 1, run_trial: Callable | None = None) -> None:
+    """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(threads)))
+    if run_trial is None:
+        from study.pipeline import run_trial
+    cfg = build_config(base, fixed, config)
+    out = trial_dir(study_dir, int(config.get(NUMBER_KEY, 0)))
+    out.mkdir(parents=True, exist_ok=True)
+
+    done = out / FINAL_FILE
+    if done.is_file():  # finished before the driver went away: report it again, do not retrain
+        tune.report(json.loads(done.read_text()))
+        return
+
+    resume_state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            path = Path(d) / "state.pt"
+            if path.is_file():
+                resume_state = torch.load(path, map_location="cpu", weights_only=True)
+    last_step = int(resume_state.get("step", 0)) if resume_state else 0
+
+    def on_epoch(report: Any) -> None:
+        nonlocal last_step
+        last_step = report.step
+        metrics = {**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(report.state(), Path(d) / "state.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume_state)
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    check_objectives(metrics, objectives)
+    if hasattr(result, "save"):
+        result.save(out)
+    final = {**metrics, "final": 1, "step": last_step + 1}
+    tmp = out / (FINAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(final, indent=2))
+    os.replace(tmp, done)
+    tune.report(final)
+
+
+def pretrain_task(cfg: Any, threads: int = 1, pretrain: Callable | None = None) -> str:
+    """Body of the Ray task that trains (or finds) the study's dense model before any trial starts."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    if pretrain is None:
+        from study.pipeline import pretrain
+    return str(pretrain(cfg))

@@ -1,0 +1,277 @@
+"""Offline checks of the Ray cluster-launcher files (cluster.yaml, cluster-local.yaml).
+
+`ray up` has no dry run, so these tests run the same config preparation and validation that
+`ray up` runs before it touches a cloud (ray.autoscaler._private.commands._bootstrap_config):
+
+    validate_config(prepare_config(yaml.safe_load(text)))
+
+Why this path is offline-safe (read from ray 2.60's ray/autoscaler/_private/util.py):
+- prepare_config() -> prepare_local() for `type: local` (pure dict work: one node type built from
+  head_ip/worker_ips), then fillout_defaults(), which only reads the provider's defaults.yaml shipped
+  inside the ray package (ray/autoscaler/{aws,local}/defaults.yaml) and merges it SHALLOWLY under the
+  file; then merge_setup_commands(), validate_docker_config() and fill_node_type_min_max_workers().
+  No boto3 import, no credentials, no network.
+- validate_config() checks ray/autoscaler/ray-schema.json with jsonschema (top level and node types
+  have additionalProperties: false, so a misspelt key fails), then that head_node_type is one of
+  available_node_types and that the node types' min_workers fit under max_workers.
+- What `ray up` does AFTER this, and these tests cannot check, needs the cloud: the AWS node provider's
+  fillout_available_node_types_resources() (EC2 DescribeInstanceTypes) and bootstrap_aws() (IAM role,
+  key pair, security group, subnets, AMI). An AMI id that does not exist in the region is only caught
+  there. The `socket` guard below makes any network attempt fail these tests loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import socket
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+AWS_FILE = ROOT / "cluster.yaml"
+LOCAL_FILE = ROOT / "cluster-local.yaml"
+BOTH = [AWS_FILE, LOCAL_FILE]
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Validation must stay offline: any outgoing connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"cluster config validation tried to open a connection: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def load(path: Path) -> dict:
+    # `ray up` parses the file with yaml.safe_load too (anchors and aliases included).
+    return yaml.safe_load(path.read_text())
+
+
+def prepared(path: Path) -> dict:
+    cfg = prepare_config(copy.deepcopy(load(path)))
+    validate_config(cfg)
+    return cfg
+
+
+def all_commands(cfg: dict) -> list[str]:
+    keys = ("setup_commands", "head_setup_commands", "worker_setup_commands")
+    return [c for k in keys for c in cfg.get(k, [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray's own validator accepts both files
+
+
+@pytest.mark.parametrize("path", BOTH, ids=lambda p: p.name)
+def test_ray_validator_accepts_file(path):
+    cfg = prepared(path)
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    # The prepared config is what `ray up` hands to the node updaters: commands merged per node kind.
+    assert cfg["head_setup_commands"][: len(cfg["setup_commands"])] == cfg["setup_commands"]
+
+
+def test_aws_file_is_aws_and_local_file_is_local():
+    aws, local = load(AWS_FILE), load(LOCAL_FILE)
+    assert aws["provider"]["type"] == "aws"
+    for key in ("region", "availability_zone", "cache_stopped_nodes"):
+        assert key in aws["provider"], key
+    assert aws["auth"]["ssh_user"] == "ubuntu"
+    assert local["provider"]["type"] == "local"
+    assert local["provider"]["head_ip"]
+    assert local["provider"]["worker_ips"]
+    assert local["auth"]["ssh_user"] and local["auth"]["ssh_private_key"]
+
+
+def test_local_file_gets_one_node_type_per_worker_ip():
+    cfg = prepared(LOCAL_FILE)
+    n_ips = len(cfg["provider"]["worker_ips"])
+    (node_type,) = cfg["available_node_types"].values()
+    assert cfg["max_workers"] == n_ips
+    assert node_type["max_workers"] == n_ips
+
+
+# ---------------------------------------------------------------------------------------------
+# Negative tests: the validator is not a rubber stamp
+
+
+def test_misspelt_top_level_key_is_rejected():
+    cfg = load(AWS_FILE)
+    cfg["availabe_node_types"] = cfg.pop("available_node_types")
+    with pytest.raises(jsonschema.ValidationError, match="availabe_node_types"):
+        validate_config(prepare_config(cfg))
+
+
+def test_head_node_type_must_name_a_defined_node_type():
+    cfg = load(AWS_FILE)
+    cfg["head_node_type"] = "head.missing"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(cfg))
+
+
+def test_misspelt_node_type_field_is_rejected():
+    cfg = load(AWS_FILE)
+    worker = cfg["available_node_types"]["worker.gpu"]
+    worker["max_worker"] = worker.pop("max_workers")
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        validate_config(prepare_config(cfg))
+
+
+def test_min_workers_above_global_max_workers_is_rejected():
+    cfg = load(AWS_FILE)
+    cfg["available_node_types"]["worker.gpu"]["min_workers"] = cfg["max_workers"] + 1
+    with pytest.raises(ValueError, match="max_workers"):
+        validate_config(prepare_config(cfg))
+
+
+def test_local_provider_refuses_node_types():
+    # Ray's local provider builds its own node type and aborts when a file defines them:
+    # cluster-local.yaml must not copy the node types of cluster.yaml.
+    cfg = load(LOCAL_FILE)
+    cfg["available_node_types"] = load(AWS_FILE)["available_node_types"]
+    cfg["head_node_type"] = "head.cpu"
+    with pytest.raises(Exception, match="not supported for on-premise"):
+        prepare_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Node types: a CPU head that runs no trials, 1-GPU workers
+
+
+def test_every_referenced_node_type_exists():
+    cfg = load(AWS_FILE)
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    # The file's own text must not mention a node type that is not defined (e.g. a stale rename).
+    text = AWS_FILE.read_text()
+    mentioned = set(re.findall(r"\b(?:head|worker)\.[a-z0-9_]+\b", text))
+    assert mentioned <= set(types), f"undefined node types mentioned: {mentioned - set(types)}"
+
+
+def test_head_advertises_no_gpu_and_is_not_autoscaled():
+    cfg = prepared(AWS_FILE)
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    assert head["resources"].get("CPU", 0) >= 1
+    assert head["max_workers"] == 0
+
+
+def test_gpu_worker_type_advertises_one_gpu_and_scales_from_zero():
+    cfg = prepared(AWS_FILE)
+    workers = {n: t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]}
+    gpu_types = {n: t for n, t in workers.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu_types, "no worker node type advertises a GPU"
+    for name, node_type in gpu_types.items():
+        assert node_type["resources"]["GPU"] == 1, name
+        assert node_type["resources"]["CPU"] >= 1, name
+        assert node_type["min_workers"] == 0, name
+        assert 1 <= node_type["max_workers"] <= cfg["max_workers"], name
+        assert node_type["node_config"]["InstanceType"], name
+
+
+def test_image_is_one_ami_for_all_node_types():
+    cfg = load(AWS_FILE)
+    images = {t["node_config"].get("ImageId") for t in cfg["available_node_types"].values()}
+    assert len(images) == 1, images
+    (image,) = images
+    # Either the documented placeholder or a real-looking AMI id; never missing (Ray would fall back
+    # to an old Ubuntu 18.04 Deep Learning AMI).
+    assert image == "ami-REPLACE-WITH-DLAMI-ID" or re.fullmatch(r"ami-[0-9a-f]{8,17}", image), image
+
+
+# ---------------------------------------------------------------------------------------------
+# What gets installed and started
+
+
+@pytest.mark.parametrize("path", BOTH, ids=lambda p: p.name)
+def test_setup_installs_project_and_torchattacks_without_deps(path):
+    cfg = prepared(path)
+    for kind in ("head_setup_commands", "worker_setup_commands"):
+        cmds = [shlex.split(c) for c in cfg[kind] if "pip" in c and "install" in c]
+        project = [c for c in cmds if "-e" in c and "~/robust-prune-study" in c]
+        assert project, f"{kind}: no `pip install -e ~/robust-prune-study`"
+        attacks = [c for c in cmds if "torchattacks==3.5.1" in c]
+        assert attacks, f"{kind}: torchattacks==3.5.1 is not installed"
+        for c in attacks:
+            assert "--no-deps" in c, f"{kind}: torchattacks must be installed with --no-deps: {c}"
+            assert c[-1] == "torchattacks==3.5.1" and len([a for a in c if "==" in a]) == 1, (
+                f"{kind}: install torchattacks alone, not together with other packages: {c}"
+            )
+        assert cmds.index(project[0]) < cmds.index(attacks[0]), f"{kind}: install the project first"
+
+
+@pytest.mark.parametrize("path", BOTH, ids=lambda p: p.name)
+def test_repository_is_mounted_without_local_state(path):
+    cfg = load(path)
+    assert cfg["file_mounts"].get("~/robust-prune-study") == "."
+    excluded = " ".join(cfg["rsync_exclude"])
+    for name in (".venv", "runs", ".git"):
+        assert name in excluded, f"{name} is synced to the cluster"
+
+
+@pytest.mark.parametrize("path", BOTH, ids=lambda p: p.name)
+def test_cluster_ray_version_matches_this_environment(path):
+    # The laptop that runs `ray up` / `ray job submit` and the cluster must run the same Ray.
+    pins = re.findall(r"ray\[[a-z,]+\]==([0-9][0-9.]*)", " ".join(all_commands(load(path))))
+    assert pins == [ray.__version__], (
+        f"{path.name} installs ray {pins} on the cluster but this environment has {ray.__version__}"
+    )
+
+
+def test_torch_range_matches_pyproject():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    spec = re.search(r'"torch\s*([<>=!~][^"]*)"', pyproject)
+    if spec is None:
+        pytest.skip("pyproject.toml has no torch requirement to compare with")
+    for path in BOTH:
+        cmds = " ".join(all_commands(load(path)))
+        assert f'"torch{spec.group(1)}"' in cmds, f"{path.name}: torch range differs from pyproject"
+
+
+@pytest.mark.parametrize("path", BOTH, ids=lambda p: p.name)
+def test_dashboard_is_bound_to_loopback(path):
+    cfg = prepared(path)
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--head" in head_start
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in head_start
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    worker_start = " ".join(cfg["worker_start_ray_commands"])
+    assert "--address=$RAY_HEAD_IP:6379" in worker_start
+
+
+def test_docs_use_real_ray_cli_commands():
+    """Every `ray ...` / `tune ...` command line in docs/cluster.md names a real CLI command."""
+    import click
+    from ray.scripts.scripts import cli as ray_cli
+    from ray.tune.cli.scripts import cli as tune_cli
+
+    doc = ROOT / "docs" / "cluster.md"
+    if not doc.exists():
+        pytest.skip("docs/cluster.md not written")
+    text = doc.read_text()
+    # Command lines in code blocks, and `ray ...` / `tune ...` spans in the prose.
+    candidates = [ln.strip().lstrip("$ ").strip() for ln in text.splitlines()]
+    candidates += re.findall(r"`((?:ray|tune) [^`]+)`", text)
+    seen = 0
+    for line in candidates:
+        m = re.match(r"(ray|tune)\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?", line)
+        if not m:
+            continue
+        group = ray_cli if m.group(1) == "ray" else tune_cli
+        cmd = group.commands.get(m.group(2))
+        assert cmd is not None, f"docs/cluster.md: `{m.group(1)} {m.group(2)}` is not a command"
+        if isinstance(cmd, click.Group) and m.group(3):
+            assert m.group(3) in cmd.commands, f"docs/cluster.md: `{line}` is not a command"
+        seen += 1
+    assert seen >= 5
