@@ -43,7 +43,9 @@ class EpochReport:
     epoch: int  # 1-based within the stage
     step: int  # 1-based count of epochs this trial has reported (monotone)
     metrics: dict[str, float]
-    state: Callable[[], dict[str, Any]]  # resume state: torch.save-able, loads with weights_only=True
+    # Resume state: torch.save-able, loads with weights_only=True. Its tensors alias the live model and
+    # optimizer, so save it before returning from on_epoch.
+    state: Callable[[], dict[str, Any]]
 
 
 @dataclass

@@ -418,6 +418,11 @@ class Study:
     def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any) -> Any:
         from ray import tune
 
+        # Epoch reports carry no objective on purpose (a partial value must never reach Optuna as final);
+        # Tune's strict check would reject them. StudySearch fails any trial whose last report lacks one.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # A checkpoint per epoch is the point (resume); Tune's warning about frequent snapshots is noise.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         trainable = self.trainable(cpus, gpus)
         if resume and tune.Tuner.can_restore(str(self.paths.experiment)):
             print(f"[study] restoring the Tune experiment {self.paths.experiment}", flush=True)

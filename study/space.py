@@ -240,7 +240,7 @@ def _check_sampler_options(settings: StudySettings) -> None:
     valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "seed")]
     for key, value in settings.sampler_options.items():
         if key not in valid:
-            raise ConfigError(f"study.sampler_options.{key}", f"not an option of the {settings.sampler} sampler; valid keys: {', '.join(valid)}")
+            raise ConfigError(f"study.sampler_options.{key}", f"not an option of the {settings.sampler} sampler; valid keys: {', '.join(valid) or '(none)'}")
         if not isinstance(value, (bool, int, float, str)) and value is not None:
             raise ConfigError(f"study.sampler_options.{key}", f"expected a number, string or boolean, got {value!r}")
 

@@ -95,6 +95,18 @@ def test_every_attack_respects_its_ball(name, mlp, digits):
     assert correct(mlp, adv, y).float().mean() < correct(mlp, x, y).float().mean()  # it does attack
 
 
+@pytest.mark.parametrize("name", ["pgd0", "sparse_rs_l0"])
+def test_l0_attacks_count_pixels_on_colour_images(name):
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+    x = torch.rand(16, 3, 8, 8)
+    y = cnn(x).argmax(1)
+    with torch.random.fork_rng():
+        raw = EVAL_ATTACKS.get(name)(cnn, x, y, 4, steps=10, restarts=1, seed=0, queries=100).detach()
+    assert Threat.L0.distance(raw, x).max() <= 4 and raw.min() >= 0 and raw.max() <= 1
+    assert (raw != x).sum() > (Threat.L0.distance(raw, x).sum())  # several channels of a pixel do change
+
+
 def test_l0_counts_pixels_not_channels():
     torch.manual_seed(0)
     x = torch.rand(5, 3, 6, 6)
@@ -136,6 +148,9 @@ def test_entry_point_refuses_unsafe_calls(mlp, digits):
         evaluate_robustness(mlp, (x - 0.5) / 0.2, y, threats={"linf": [0.1]}, budget=BUDGET)
     with pytest.raises(ValueError):
         EvalBudget(points=0)
+    with pytest.raises(ValueError, match="autoattack_eps"):
+        evaluate_robustness(mlp, x, y, threats={"linf": [0.1]}, budget=BUDGET, autoattack=True,
+                            autoattack_eps={"l2": [0.5]})
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -207,8 +222,8 @@ def test_train_mode_is_switched_and_restored_and_rng_untouched(mlp, digits):
 
 def test_autoattack_is_not_above_pgd(mlp, digits):
     _, (x, y) = digits
-    r = evaluate_robustness(mlp, x, y, threats={"linf": [0.05], "l2": [0.5]}, autoattack=True,
-                            budget=EvalBudget(points=32, steps=20, restarts=1, square_queries=100))
+    r = evaluate_robustness(mlp, x, y, threats={"linf": [0.1], "l2": [0.5]}, autoattack=True,
+                            budget=EvalBudget(points=24, steps=20, restarts=1, square_queries=100))
     assert len(r.autoattack) == 2
     for a in r.autoattack:
         assert a.robust_acc <= a.pgd_acc and a.robust_acc <= a.white_box_acc, a

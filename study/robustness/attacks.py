@@ -214,4 +214,5 @@ def attack(name: str, model: nn.Module, x: Tensor, y: Tensor, eps: float, *, ste
 @torch.no_grad()
 def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> Tensor:
     """Per-point bool: the model's prediction equals the label."""
-    return torch.cat([model(x[s:s + batch_size]).argmax(1) == y[s:s + batch_size] for s in range(0, len(x), batch_size)])
+    return torch.cat([model(x[s:s + batch_size]).argmax(1) == y[s:s + batch_size]
+                      for s in range(0, len(x), batch_size)])

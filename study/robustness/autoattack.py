@@ -9,7 +9,6 @@ import logging
 import re
 from typing import Iterator
 
-import torch
 from torch import Tensor, nn
 
 from study.robustness.attacks import correct, seeded

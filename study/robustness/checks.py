@@ -37,12 +37,17 @@ def reaches_chance(threat: str, eps: float, acc: float, chance: float, n: int) -
     return Check(f"chance.{threat}", ok, f"acc {acc:.3f} at eps {eps:g} vs chance level {chance:.3f} (tol {tol:.3f})")
 
 
-def more_effort(threat: str, eps: float, acc: float, acc_strong: float, effort: str, n: int) -> Check:
-    """(3) More steps / restarts do not raise robust accuracy beyond noise."""
+def more_effort(threat: str, eps: float, acc: float, acc_strong: float, effort: str, n: int,
+                curve_acc: float | None = None) -> Check:
+    """(3) More steps / restarts do not raise robust accuracy beyond noise. The stronger run falling
+    clearly below the curve's figure (curve_acc, default acc) is noted, not failed: the attack had not
+    converged and the curve overestimates robustness."""
     tol = tolerance(n)
     ok = acc_strong <= acc + tol
-    note = "; not converged: the curve overestimates robustness, raise steps/restarts" if acc_strong < acc - tol else ""
-    return Check(f"effort.{threat}", ok, f"eps {eps:g}: acc {acc:.3f} -> {acc_strong:.3f} with {effort} (tol {tol:.3f}){note}")
+    low = acc_strong < (acc if curve_acc is None else curve_acc) - tol
+    note = "; not converged: the curve overestimates robustness, raise steps/restarts" if low else ""
+    return Check(f"effort.{threat}", ok,
+                 f"eps {eps:g}: acc {acc:.3f} -> {acc_strong:.3f} with {effort} (tol {tol:.3f}){note}")
 
 
 def black_box(threat: str, eps: float, acc_white: float, acc_black: float, attack: str, n: int) -> Check:

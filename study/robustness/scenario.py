@@ -30,7 +30,8 @@ class ScenarioRow:
     accuracy: float    # (1 - r) * clean + r * robust(eps)
 
 
-def scenario_table(clean: float, curves: dict[str, tuple[list[float], list[float]]], rs: list[float]) -> list[ScenarioRow]:
+def scenario_table(clean: float, curves: dict[str, tuple[list[float], list[float]]],
+                   rs: list[float]) -> list[ScenarioRow]:
     """One row per (threat, eps, r); curves maps threat -> (eps list, robust accuracy list)."""
     return [ScenarioRow(t, e, r, aggregated_accuracy(clean, a, r))
             for t, (eps, acc) in curves.items() for e, a in zip(eps, acc) for r in rs]

@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -117,12 +117,14 @@ class RobustnessReport:
                 out.append(f"  {e:>10.5g} {c.robust_acc[i]:>8.4f} {c.robust_acc_nested[i]:>8.4f} "
                            + " ".join(f"{c.per_attack[a][i]:>13.4f}" for a in attacks))
         if self.autoattack:
-            out.append(f"\nAutoAttack (standard) vs PGD, same points\n  {'threat':>6} {'eps':>10} {'AA':>8} {'PGD':>8} {'PGD+APGD':>9} {'wall_s':>8}")
-            out += [f"  {a.threat:>6} {a.eps:>10.5g} {a.robust_acc:>8.4f} {a.pgd_acc:>8.4f} {a.white_box_acc:>9.4f} {a.wall_s:>8.1f}"
-                    for a in self.autoattack]
+            out.append("\nAutoAttack (standard) vs PGD, same points")
+            out.append(f"  {'threat':>6} {'eps':>10} {'AA':>8} {'PGD':>8} {'PGD+APGD':>9} {'wall_s':>8}")
+            out += [f"  {a.threat:>6} {a.eps:>10.5g} {a.robust_acc:>8.4f} {a.pgd_acc:>8.4f} {a.white_box_acc:>9.4f} "
+                    f"{a.wall_s:>8.1f}" for a in self.autoattack]
             out += [f"  AutoAttack warning ({a.threat} {a.eps:g}): {m}" for a in self.autoattack for m in a.flags]
         if self.transfer:
-            out.append(f"\ntransfer (crafted on the reference model)\n  {'threat':>6} {'eps':>10} {'reference':>9} {'this model':>10}")
+            out.append("\ntransfer (crafted on the reference model)")
+            out.append(f"  {'threat':>6} {'eps':>10} {'reference':>9} {'this model':>10}")
             out += [f"  {tr.threat:>6} {e:>10.5g} {s:>9.4f} {g:>10.4f}" for tr in self.transfer
                     for e, s, g in zip(tr.eps, tr.source_acc, tr.target_acc)]
         out.append("\nsanity checks")
@@ -133,7 +135,8 @@ class RobustnessReport:
 
 def evaluate_robustness(model: nn.Module, x: Tensor, y: Tensor, *, threats: dict[str, list[float]],
                         budget: EvalBudget, autoattack: bool = False, reference_model: nn.Module | None = None,
-                        scenario_r: list[float] = (0.0, 0.1, 0.25, 0.5, 1.0), device: torch.device | str | None = None,
+                        scenario_r: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0),
+                        device: torch.device | str | None = None,
                         autoattack_eps: dict[str, list[float]] | None = None) -> RobustnessReport:
     """Clean accuracy, robustness curves, sanity checks and (optionally) AutoAttack and transfer results
     for `model` (images in [0, 1] -> logits) on `budget.points` seeded points of (x, y).
@@ -142,23 +145,28 @@ def evaluate_robustness(model: nn.Module, x: Tensor, y: Tensor, *, threats: dict
     autoattack_eps: where AutoAttack runs (default: every eps > 0 of linf and l2).
     """
     spec = _validate(threats, x, y, scenario_r)
+    aa_spec = _validate_aa(autoattack_eps, spec) if autoattack else {}
     if not isinstance(budget, EvalBudget):
         raise TypeError("budget must be an EvalBudget")
     dev = torch.device(device) if device is not None else _device_of(model)
+    for m, what in ((model, "model"), (reference_model, "reference_model")):
+        if m is not None and m.training:
+            warnings.warn(f"{what} was in train mode; evaluating it in eval mode and restoring train mode after",
+                          stacklevel=2)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(_eval_mode(model, "model"))
+        stack.enter_context(_eval_mode(model))
         if reference_model is not None:
-            stack.enter_context(_eval_mode(reference_model, "reference_model"))
-        report = _evaluate(model, x, y, spec, budget, autoattack, reference_model, list(scenario_r), dev, autoattack_eps)
+            stack.enter_context(_eval_mode(reference_model))
+        report = _evaluate(model, x, y, spec, budget, aa_spec, reference_model, list(scenario_r), dev)
     report.wall_s["total"] = time.perf_counter() - start
     return report
 
 
-def _evaluate(model, x, y, spec: dict[Threat, list[float]], b: EvalBudget, run_aa: bool, reference,
-              rs: list[float], dev: torch.device, aa_eps) -> RobustnessReport:
+def _evaluate(model, x, y, spec: dict[Threat, list[float]], b: EvalBudget, aa_spec: dict[Threat, list[float]],
+              reference, rs: list[float], dev: torch.device) -> RobustnessReport:
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(b.seed))[: b.points]
     xs, ys = x[perm].to(dev), y[perm].to(dev)
     kw = dict(steps=b.steps, restarts=b.restarts, seed=b.seed, queries=b.square_queries, batch_size=b.batch_size)
@@ -184,20 +192,20 @@ def _evaluate(model, x, y, spec: dict[Threat, list[float]], b: EvalBudget, run_a
         report.checks += _checks(model, t, curve, xs, ys, clean, acc, b)
         report.wall_s[f"checks.{t.value}"] = time.perf_counter() - t0
 
-    if run_aa:
-        for t in (t for t in spec if t in AA_THREATS):
-            for e in (aa_eps or {}).get(t.value, [e for e in spec[t] if e > 0]):
-                t0 = time.perf_counter()
-                aa_flags, messages = run_autoattack(model, xs, ys, t, e, seed=b.seed, batch_size=b.batch_size)
-                aa = float(aa_flags.float().mean())
-                c = report.curves[t.value]
-                pgd = c.per_attack[PRIMARY[t]][c.eps.index(e)] if e in c.eps else acc(PRIMARY[t], t, e)
-                wb = c.robust_acc[c.eps.index(e)] if e in c.eps else pgd
-                report.autoattack.append(AutoAttackResult(t.value, e, aa, pgd, wb, time.perf_counter() - t0, messages))
-                report.wall_s[f"autoattack.{t.value}.{_fmt(e)}"] = time.perf_counter() - t0
-                tol = C.tolerance(len(xs))
-                report.checks.append(C.Check(f"autoattack.{t.value}", aa >= wb - tol,
-                                             f"eps {e:g}: AutoAttack {aa:.3f} vs PGD+APGD {wb:.3f} (tol {tol:.3f})"))
+    tol = C.tolerance(len(xs))
+    for t, aa_eps in aa_spec.items():
+        c = report.curves[t.value]
+        for e in aa_eps:
+            t0 = time.perf_counter()
+            aa_flags, messages = run_autoattack(model, xs, ys, t, e, seed=b.seed, batch_size=b.batch_size)
+            wall = time.perf_counter() - t0
+            aa = float(aa_flags.float().mean())
+            pgd = c.per_attack[PRIMARY[t]][c.eps.index(e)] if e in c.eps else acc(PRIMARY[t], t, e)
+            wb = c.robust_acc[c.eps.index(e)] if e in c.eps else pgd
+            report.autoattack.append(AutoAttackResult(t.value, e, aa, pgd, wb, wall, messages))
+            report.wall_s[f"autoattack.{t.value}.{_fmt(e)}"] = wall
+            report.checks.append(C.Check(f"autoattack.{t.value}", aa >= wb - tol,
+                                         f"eps {e:g}: AutoAttack {aa:.3f} vs PGD+APGD {wb:.3f} (tol {tol:.3f})"))
 
     if reference is not None:
         t0 = time.perf_counter()
@@ -225,11 +233,26 @@ def _checks(model, t: Threat, curve: Curve, xs, ys, clean: float, acc, b: EvalBu
     e_mid, a_mid = min(nonzero, key=lambda ea: abs(ea[1] - clean / 2))  # the most informative eps
     base = curve.per_attack[PRIMARY[t]][curve.eps.index(e_mid)]
     strong = acc(PRIMARY[t], t, e_mid, steps=2 * b.steps, restarts=b.restarts + 1)
-    out.append(C.more_effort(name, e_mid, base, strong, f"{PRIMARY[t]} {2 * b.steps} steps x {b.restarts + 1} restarts", n))
+    effort = f"{PRIMARY[t]} {2 * b.steps} steps x {b.restarts + 1} restarts"
+    out.append(C.more_effort(name, e_mid, base, strong, effort, n, a_mid))
     if t not in BLACK_BOX:
         return out + [C.skipped(f"black_box.{name}", "the black-box Sparse-RS is part of the L0 curve")]
     black = acc(BLACK_BOX[t], t, e_mid)
     out.append(C.black_box(name, e_mid, a_mid, black, f"{BLACK_BOX[t]} ({b.square_queries} queries)", n))
+    return out
+
+
+def _validate_aa(aa_eps: dict[str, list[float]] | None, spec: dict[Threat, list[float]]) -> dict[Threat, list[float]]:
+    """Where AutoAttack runs: the given eps, or every eps > 0 of the curve's linf and l2 threats."""
+    if aa_eps is None:
+        return {t: [e for e in eps if e > 0] for t, eps in spec.items() if t in AA_THREATS}
+    out = {}
+    for name, eps in aa_eps.items():
+        t = Threat.parse(name)
+        if t not in AA_THREATS or t not in spec:
+            raise ValueError(f"autoattack_eps: {t.value!r} must be one of the evaluated threats among "
+                             f"{', '.join(a.value for a in AA_THREATS)}")
+        out[t] = t.validate_eps(eps)
     return out
 
 
@@ -256,12 +279,9 @@ def _validate(threats, x: Tensor, y: Tensor, rs) -> dict[Threat, list[float]]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module, what: str) -> Iterator[None]:
+def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
-    if was_training:
-        warnings.warn(f"{what} was in train mode; evaluating it in eval mode and restoring train mode after",
-                      stacklevel=4)
-        model.eval()
+    model.eval()
     try:
         yield
     finally:

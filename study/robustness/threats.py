@@ -21,7 +21,8 @@ class Threat(str, Enum):
         try:
             return cls(str(getattr(name, "value", name)).lower())
         except ValueError:
-            raise ValueError(f"unknown threat model {name!r}; valid choices: {', '.join(t.value for t in cls)}") from None
+            valid = ", ".join(t.value for t in cls)
+            raise ValueError(f"unknown threat model {name!r}; valid choices: {valid}") from None
 
     @property
     def unit(self) -> str:

@@ -1,0 +1,142 @@
+"""Search-space files: every shipped file validates; every kind of mistake names file, key and choices."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from study.config import ConfigError
+from study.space import load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+BASE = {
+    "study": {"name": "t", "sampler": "random", "n_trials": 3},
+    "trial": {"data": {"name": "digits"}, "model": {"arch": "small_cnn"}},
+    "search": {
+        "prune.keep_fraction": {"float": [0.01, 0.5], "log": True},
+        "prune.score_init": {"choice": ["ssi", "kaiming_normal"]},
+        "attack.schedule": {"choice": ["constant", "linear"]},
+        "attack.warmup_fraction": {"float": [0.0, 0.5], "when": {"attack.schedule": ["linear"]}},
+        "attack.steps": {"int": [1, 10]},
+    },
+}
+
+
+def _space(**edits):
+    data = copy.deepcopy(BASE)
+    for dotted, value in edits.items():
+        *parents, leaf = dotted.split("/")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return parse_space(data, "x.yaml")
+
+
+def _error(**edits) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        _space(**edits)
+    return e.value
+
+
+def test_shipped_files_exist():
+    names = {p.name for p in SPACES}
+    assert {"quickstart.yaml", "fashion_mnist.yaml", "cifar10_vgg16.yaml", "cifar10_wrn_28_4.yaml", "svhn_vgg16.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_search_space_file_loads_and_samples(path):
+    space = load_space(path)
+    text = path.read_text()
+    header = text.split("\n\n", 1)[0]
+    for word in ("command:", "hardware:", "time:"):
+        assert word in header, f"{path.name}: header lacks '{word}'"
+    assert space.study.name == path.stem
+    keys = set(space.keys)
+    assert {"prune.keep_fraction", "prune.score_init", "attack.schedule", "attack.warmup_fraction",
+            "attack.eps_multiplier", "attack.steps"} <= keys
+    keep = next(p for p in space.params if p.key == "prune.keep_fraction")
+    assert keep.log and keep.high <= 0.5  # log-scaled near sparsity 1
+    # Sampling through Optuna builds a valid TrialConfig every time, conditional params included.
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        values = space.suggest(trial)
+        cfg = space.trial_config(values)
+        assert cfg.pretrain_key() == space.base_config().pretrain_key()
+        if values["attack.schedule"] == "constant":
+            assert "attack.warmup_fraction" not in values
+        study.tell(trial, [1.0, 0.5])
+
+
+def test_conditional_parent_comes_first_and_fallback_is_fixed_value():
+    data = copy.deepcopy(BASE)
+    data["trial"]["attack"] = {"warmup_fraction": 0.2}
+    # the child is listed before its parent in the file
+    data["search"] = {"attack.warmup_fraction": data["search"].pop("attack.warmup_fraction"), **data["search"]}
+    space = parse_space(data, "x.yaml")
+    assert space.keys.index("attack.schedule") < space.keys.index("attack.warmup_fraction")
+    assert space.trial_config({"attack.schedule": "constant"}).attack.warmup_fraction == 0.2
+
+
+@pytest.mark.parametrize("edits, key, words", [
+    ({"colour": 1}, "colour", ["valid keys: study, trial, search"]),
+    ({"study/nme": "x"}, "study.nme", ["did you mean 'name'"]),
+    ({"study/sampler": "cmaes"}, "study.sampler", ["tpe, nsga2, gp, random"]),
+    ({"study/n_trials": 0}, "study.n_trials", ["out of range"]),
+    ({"study/objectives": [{"metric": "size", "mode": "min"}]}, "study.objectives[0].metric", ["params_kept", "robust_acc"]),
+    ({"study/objectives": [{"metric": "robust_acc", "mode": "up"}]}, "study.objectives[0].mode", ["min, max"]),
+    ({"study/sampler_options": {"popsize": 4}}, "study.sampler_options.popsize", ["valid keys"]),
+    ({"trial/prune": {"keep_frac": 0.1}}, "trial.prune.keep_frac", ["valid keys"]),
+    ({"search/prune.keep_frac": {"float": [0.1, 0.2]}}, "search.prune.keep_frac", ["did you mean 'prune.keep_fraction'"]),
+    ({"search/pruning.rate": {"float": [0.1, 0.2]}}, "search.pruning.rate", ["valid sections"]),
+    ({"search/prune.keep_fraction": {"float": [0.5, 0.1]}}, "search.prune.keep_fraction.float", ["below high"]),
+    ({"search/prune.keep_fraction": {"float": [0.0, 0.5], "log": True}}, "search.prune.keep_fraction.float", ["low > 0"]),
+    ({"search/prune.keep_fraction": {"float": [0.1, 1.5]}}, "search.prune.keep_fraction.float", ["out of range", "<= 1.0"]),
+    ({"search/prune.keep_fraction": {"floats": [0.1, 0.5]}}, "search.prune.keep_fraction.floats", ["float, int, choice"]),
+    ({"search/prune.keep_fraction": {"float": [0.1, 0.5], "int": [1, 2]}}, "search.prune.keep_fraction", ["exactly one"]),
+    ({"search/prune.score_init": {"choice": ["ssi", "magic"]}}, "search.prune.score_init.choice", ["magic", "kaiming_normal", "snip"]),
+    ({"search/attack.schedule": {"choice": ["constant", "zigzag"]}}, "search.attack.schedule.choice", ["cosine", "step"]),
+    ({"search/attack.steps": {"float": [1, 10]}}, "search.attack.steps.float", ["int: [lo, hi]"]),
+    ({"search/prune.keep_fraction": {"int": [1, 2]}}, "search.prune.keep_fraction.int", ["float"]),
+    ({"search/attack.warmup_fraction": {"float": [0, 0.5], "when": {"attack.loss": ["pgd"]}}},
+     "search.attack.warmup_fraction.when.attack.loss", ["valid choices", "attack.schedule"]),
+    ({"search/attack.warmup_fraction": {"float": [0, 0.5], "when": {"attack.schedule": ["cosine"]}}},
+     "search.attack.warmup_fraction.when.attack.schedule", ["constant, linear"]),
+    ({"search/pretrain.epochs": {"int": [1, 5]}}, "search.pretrain.epochs.int", ["dense pretrained model"]),
+    ({"search/model.width": {"int": [8, 64]}}, "search.model.width.int", ["dense pretrained model"]),
+    ({"trial/prune": {"keep_fraction": 0.1}}, "search.prune.keep_fraction", ["both fixed", "searched"]),
+    ({"search": {}}, "search", ["no parameter"]),
+])
+def test_mistakes_name_the_key_and_the_choices(edits, key, words):
+    err = _error(**edits)
+    assert err.key == key, str(err)
+    for w in words:
+        assert w in str(err), str(err)
+
+
+def test_load_space_names_the_file(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["search"]["prune.score_init"] = {"choice": ["ssi", "nope"]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_space(path)
+    assert str(e.value).startswith(f"{path}: search.prune.score_init.choice")
+
+
+def test_overrides_apply_to_the_file():
+    path = ROOT / "search_spaces" / "quickstart.yaml"
+    space = load_space(path, {"study.n_trials": 2, "trial.finetune.epochs": 1})
+    assert space.study.n_trials == 2 and space.base_config().finetune.epochs == 1
+    with pytest.raises(ConfigError) as e:
+        load_space(path, {"study.n_trial": 2})
+    assert e.value.key == "study.n_trial"
