@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -32,9 +32,13 @@ LOOPS = ("reference", "ours", "ours_compiled")
 
 @dataclass(frozen=True)
 class Spec:
-    """One measured row: which loop trains which model in which stage, how long."""
+    """One measured row: which loops train which model in which stage, how long.
 
-    loop: str  # "reference" | "ours" | "ours_compiled"
+    The loops of a row run in one process, their timed repeats interleaved (ref, ours, ref, ours, ...),
+    so load from anything else on the machine falls on both alike.
+    """
+
+    loops: tuple[str, ...]  # from LOOPS; "dense" / "prune" / "finetune" for bench.prune_overhead
     arch: str
     stage: str  # "dense" (plain model, no masked layers) | "prune" | "finetune"
     batch: int
@@ -73,7 +77,7 @@ def set_trainable(model: nn.Module, *, weights: bool, scores: bool, bn: bool) ->
             p.requires_grad_(scores if name == "scores" else bn if is_bn else weights)
 
 
-def prepare_ours(model: nn.Module, stage: str, x: torch.Tensor) -> Callable[[], None] | None:
+def prepare_ours(model: nn.Module, stage: str) -> Callable[[], None] | None:
     """Make `model` what the pipeline trains in `stage`; returns the after-step hook (prune stage)."""
     from study import pruning
 
@@ -100,11 +104,11 @@ def ours_runner(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     from study.losses import make_loss
 
     runtime = resolve_runtime(spec.device, "auto")
-    after_step = prepare_ours(model, spec.stage, x)
+    after_step = prepare_ours(model, spec.stage)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trained = model
-    if spec.loop == "ours_compiled":
+    if spec.loops == ("ours_compiled",):
         trained = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -145,24 +149,46 @@ def reference_runner(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Ten
     return run
 
 
-def measure(spec: Spec) -> dict[str, Any]:
-    """Time one row in this process: seconds per repeat, images/s, peak memory."""
+def build(loop: str, spec: Spec, x: torch.Tensor, y: torch.Tensor) -> Callable[[int], None]:
+    """The step function of `loop` on a fresh copy of the row's model (same seed, same weights)."""
     from study.data import dataset_info
 
-    info = dataset_info("cifar10")
-    x, y = synthetic_batch(spec, info)
+    model = _base_model(spec, dataset_info("cifar10"))
+    if loop == "reference":
+        return reference_runner(spec, model, x, y)
+    if loop in ("ours", "ours_compiled"):
+        return ours_runner(replace(spec, loops=(loop,)), model, x, y)
+    if loop in ("dense", "prune", "finetune"):  # bench.prune_overhead: ours, per stage
+        return ours_runner(replace(spec, loops=("ours",), stage=loop), model, x, y)
+    raise ValueError(f"unknown loop {loop!r}; valid: {', '.join(LOOPS)}, dense, prune, finetune")
+
+
+def measure(spec: Spec) -> dict[str, Any]:
+    """Time every loop of one row in this process: seconds per step, images/s (and peak memory)."""
+    from study.data import dataset_info
+
+    x, y = synthetic_batch(spec, dataset_info("cifar10"))
     common.reset_peak_memory(spec.device)
-    model = _base_model(spec, info)
-    build = reference_runner if spec.loop == "reference" else ours_runner
-    run = build(spec, model, x, y)
-    for _ in range(spec.warmup):
-        run(1)
-    if spec.loop == "ours_compiled":
-        run(spec.attack_steps)  # compile settles on the timed shapes too
-    times = common.time_repeats(lambda: run(spec.attack_steps), spec.device, warmup=0, repeats=spec.repeats)
-    step_s = common.median(times) / spec.batches_per_repeat
-    return {"spec": asdict(spec), "times": times, "step_s": step_s, "images_s": spec.batch / step_s,
-            "peak_mem": common.peak_memory_bytes(spec.device)}
+    runs, errors = {}, {}
+    for loop in spec.loops:
+        try:
+            runs[loop] = build(loop, spec, x, y)
+            for _ in range(spec.warmup):
+                runs[loop](1)
+            if loop == "ours_compiled":
+                runs[loop](spec.attack_steps)  # compile settles on the timed attack too
+        except Exception as e:  # noqa: BLE001 - a loop that cannot run (compile on an odd stack) is reported
+            runs.pop(loop, None)
+            errors[loop] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    times: dict[str, list[float]] = {loop: [] for loop in runs}
+    for _ in range(spec.repeats):
+        for loop, fn in runs.items():
+            times[loop] += common.time_repeats(lambda: fn(spec.attack_steps), spec.device, warmup=0, repeats=1)
+    out = {}
+    for loop, ts in times.items():
+        step_s = common.median(ts) / spec.batches_per_repeat
+        out[loop] = {"times": ts, "step_s": step_s, "images_s": spec.batch / step_s}
+    return {"spec": asdict(spec), "loops": out, "errors": errors, "peak_mem": common.peak_memory_bytes(spec.device)}
 
 
 def forward_flops(arch: str, width: int = 0) -> float:
@@ -183,64 +209,78 @@ def forward_flops(arch: str, width: int = 0) -> float:
 # The table
 
 
-def default_specs(device: str, archs: list[str], stages: list[str], compile_: bool) -> list[Spec]:
+def default_specs(device: str, archs: list[str], stages: list[str], compile_: bool, batch: int = 0,
+                  repeats: int = 0) -> list[Spec]:
     cuda = device == "cuda"
-    base = dict(device=device, batch=256 if cuda else 16, batches_per_repeat=10 if cuda else 1,
-                repeats=3 if cuda else 2, warmup=2 if cuda else 1)
-    loops = ["reference", "ours"] + (["ours_compiled"] if cuda and compile_ else [])
-    return [Spec(loop=loop, arch=a, stage=s, **base) for a in archs for s in stages for loop in loops]
+    loops = ("reference", "ours") + (("ours_compiled",) if cuda and compile_ else ())
+    return [Spec(loops=loops, arch=a, stage=s, device=device, batch=batch or (256 if cuda else 8),
+                 batches_per_repeat=10 if cuda else 1, repeats=repeats or (3 if cuda else 2), warmup=2 if cuda else 1)
+            for a in archs for s in stages]
 
 
 def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Table:
     cuda = machine.device != "cpu"
-    by = {(r["spec"]["arch"], r["spec"]["stage"], r["spec"]["loop"]): r for r in results}
-    flops = {a: forward_flops(a) for a in sorted({r["spec"]["arch"] for r in results})}
+    flops = {a: forward_flops(a) for a in dict.fromkeys(r["spec"]["arch"] for r in results)}
+    compiled = any("ours_compiled" in r["spec"]["loops"] for r in results)
     headers = ["arch", "stage", "batch", "reference img/s", "ours img/s", "ours / reference"]
-    if any(k[2] == "ours_compiled" for k in by):
+    if compiled:
         headers += ["ours+compile img/s", "compiled / reference"]
-    headers += ["ours TFLOP/s", f"ours % of {machine.matmul_dtype} matmul"]
+    headers += ["best TFLOP/s", f"best % of {machine.matmul_dtype} matmul"]
     rows = []
-    for (arch, stage) in dict.fromkeys((k[0], k[1]) for k in by):
-        ref, ours = by.get((arch, stage, "reference")), by.get((arch, stage, "ours"))
-        comp = by.get((arch, stage, "ours_compiled"))
-        best = max((r for r in (ours, comp) if r), key=lambda r: r["images_s"])
-        useful = (2 * STEPS + 3) * flops[arch]  # per image
-        tflops = best["images_s"] * useful / 1e12
-        row = [arch, stage, best["spec"]["batch"], f"{ref['images_s']:.1f}" if ref else "-",
-               f"{ours['images_s']:.1f}" if ours else "-",
-               common.ratio(ours["images_s"], ref["images_s"]) if ours and ref else "-"]
-        if "ours+compile img/s" in headers:
-            row += [f"{comp['images_s']:.1f}" if comp else "-",
-                    common.ratio(comp["images_s"], ref["images_s"]) if comp and ref else "-"]
-        row += [f"{tflops:.3g}", f"{100 * tflops / machine.matmul_tflops:.1f}%"]
+    for r in results:
+        sp, loops = r["spec"], r["loops"]
+        ref, ours, comp = (loops.get(k) for k in ("reference", "ours", "ours_compiled"))
+
+        def img(x: dict | None, name: str) -> str:
+            return f"{x['images_s']:.2f}" if x else ("failed" if name in r["errors"] else "-")
+
+        def rat(x: dict | None) -> str:
+            return common.ratio(x["images_s"], ref["images_s"]) if x and ref else "-"
+
+        row = [sp["arch"], sp["stage"], sp["batch"], img(ref, "reference"), img(ours, "ours"), rat(ours)]
+        if compiled:
+            row += [img(comp, "ours_compiled"), rat(comp)]
+        mine = [x for x in (ours, comp) if x]
+        if mine:
+            tflops = max(x["images_s"] for x in mine) * (2 * STEPS + 3) * flops[sp["arch"]] / 1e12
+            row += [f"{tflops:.3g}", f"{100 * tflops / machine.matmul_tflops:.1f}%"]
+        else:
+            row += ["-", "-"]
         rows.append(row)
+    first = results[0]["spec"]
     target = ("GPU targets: ours >= 5x reference on resnet18, >= 30% of the measured bf16 matmul rate"
               if cuda else "CPU target: ours >= 2x reference")
     notes = [
         f"PGD-{STEPS} adversarial training (eps 8/255, step 2/255), keep fraction {KEEP_FRACTION} (90% pruned); "
         "synthetic CIFAR-10-shaped batches already on the device; the real architectures at 32x32 (width unchanged).",
         "prune = HYDRA score training (weights and BatchNorm frozen, masks refreshed after each optimizer step); "
-        "finetune = fixed mask, weights train.",
+        "finetune = fixed mask, weights train; dense = plain model.",
         "reference = sort-based top-k on every forward, loss.backward() over parameters inside the attack, fp32 eager "
-        "(bench/reference.py); ours = study.engine.train_epoch + make_loss('pgd') + resolve_runtime('auto','auto').",
-        f"TFLOP/s = images/s x (2K+3) F with K={STEPS} and F per image from torch's FLOP counter: "
+        "(bench/reference.py); ours = study.engine.train_epoch + make_loss('pgd') + resolve_runtime('auto','auto')"
+        + (" (bf16 autocast, channels_last)" if cuda else " (fp32)") + ".",
+        f"TFLOP/s = images/s x (2K+3) F with K={STEPS} and F per image from torch's FLOP counter ("
         + ", ".join(f"{a} {f / 1e9:.2f} GFLOP" for a, f in flops.items())
-        + f"; measured {machine.matmul_dtype} matmul rate {machine.matmul_tflops:.3g} TFLOP/s.",
-        f"Each row: median of {results[0]['spec']['repeats']} repeats of {results[0]['spec']['batches_per_repeat']} "
-        f"step(s) after {results[0]['spec']['warmup']} warm-up repeat(s), one process per row.",
+        + f"); measured {machine.matmul_dtype} matmul rate {machine.matmul_tflops:.3g} TFLOP/s.",
+        f"Each row: one process; per loop {first['warmup']} warm-up repeat(s) with a 1-step attack, then the "
+        f"median of {first['repeats']} timed repeats of {first['batches_per_repeat']} step(s), the loops' repeats "
+        "interleaved.",
         target + ".",
     ]
+    errors = {f"{r['spec']['arch']}/{r['spec']['stage']}/{k}": v for r in results for k, v in r["errors"].items()}
+    notes += [f"{k} failed: {v}" for k, v in errors.items()]
     return common.Table("throughput", f"1. PGD-{STEPS} training throughput ({machine.device})", headers, rows, notes)
 
 
-def run(device: str, archs: list[str], stages: list[str], compile_: bool = True,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run(specs: list[Spec], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Measure every row (each in its own process); `table` turns the results into the printed table."""
     results = []
-    for spec in default_specs(device, archs, stages, compile_):
+    for spec in specs:
         r = common.run_child("bench.throughput", asdict(spec))
-        log(f"  {spec.arch:9s} {spec.stage:8s} {spec.loop:13s} batch {spec.batch}: "
-            f"{r['images_s']:.1f} img/s ({r['step_s']:.3f} s/step)")
+        for loop, x in r["loops"].items():
+            log(f"  {spec.arch:9s} {spec.stage:8s} {loop:13s} batch {spec.batch}: "
+                f"{x['images_s']:.2f} img/s ({x['step_s']:.3f} s/step)")
+        for loop, err in r["errors"].items():
+            log(f"  {spec.arch:9s} {spec.stage:8s} {loop:13s} FAILED: {err}")
         results.append(r)
     return results
 
@@ -251,14 +291,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--archs", default="resnet18,vgg16_bn")
     p.add_argument("--stages", default="prune")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (CUDA)")
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: 256 on CUDA, 8 on CPU)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats per loop (default: 3 on CUDA, 2 on CPU)")
     args = p.parse_args(argv)
     if args.child:
-        common.emit(measure(Spec(**json.loads(args.child))))
+        d = json.loads(args.child)
+        common.emit(measure(Spec(**{**d, "loops": tuple(d["loops"])})))
         return
     device = common.resolve_device(args.device)
     machine = common.describe_machine(device)
-    results = run(device, args.archs.split(","), args.stages.split(","), not args.no_compile)
+    results = run(default_specs(device, args.archs.split(","), args.stages.split(","), not args.no_compile,
+                                args.batch, args.repeats))
     print(table(results, machine).markdown())
 
 

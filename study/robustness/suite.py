@@ -33,7 +33,7 @@ class EvalBudget:
     restarts: int = 2          # random restarts (PGD/PGD0: per-point worst over restarts; APGD: n_restarts)
     seed: int = 0              # points, random starts and query draws all derive from it
     batch_size: int = 256      # points per attack batch
-    square_queries: int = 1000  # queries of the black-box check attacks (Square, Sparse-RS)
+    square_queries: int = 1000  # queries of the black-box attacks: Square (check 4), Sparse-RS (L0 curve)
 
     def __post_init__(self) -> None:
         for k in ("points", "steps", "restarts", "batch_size", "square_queries"):
