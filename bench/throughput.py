@@ -167,6 +167,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     """Time every loop of one row in this process: seconds per step, images/s (and peak memory)."""
     from study.data import dataset_info
 
+    base_mem = common.rss_peak_bytes()  # after the imports, before any model or batch
     x, y = synthetic_batch(spec, dataset_info("cifar10"))
     common.reset_peak_memory(spec.device)
     runs, errors = {}, {}
@@ -188,7 +189,8 @@ def measure(spec: Spec) -> dict[str, Any]:
     for loop, ts in times.items():
         step_s = common.median(ts) / spec.batches_per_repeat
         out[loop] = {"times": ts, "step_s": step_s, "images_s": spec.batch / step_s}
-    return {"spec": asdict(spec), "loops": out, "errors": errors, "peak_mem": common.peak_memory_bytes(spec.device)}
+    return {"spec": asdict(spec), "loops": out, "errors": errors, "peak_mem": common.peak_memory_bytes(spec.device),
+            "base_mem": base_mem}
 
 
 def forward_flops(arch: str, width: int = 0) -> float:

@@ -252,14 +252,16 @@ def _searcher_class() -> type:
     return StudySearch
 
 
-def fail_running(study: Any, reason: str) -> int:
-    """Last resort at the end of a search: no Optuna trial may stay RUNNING."""
+def fail_running(study: Any, reason: str, expected: bool = False) -> int:
+    """At the end of a search no Optuna trial may stay RUNNING: fail the rest, loudly unless `expected`
+    (Tune's time budget stops trials without telling the searcher)."""
     from optuna.trial import TrialState
 
     stuck = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
     for t in stuck:
-        log.error("Optuna trial %d was still %s at the end of the study (%s); recording it as FAIL",
-                  t.number, t.state.name, reason)
+        log.log(logging.WARNING if expected else logging.ERROR,
+                "Optuna trial %d was still %s at the end of the study (%s); recording it as FAIL",
+                t.number, t.state.name, reason)
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
         study.tell(t.number, state=TrialState.FAIL)
     return len(stuck)
@@ -304,8 +306,8 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{int(trial.config.get(NUMBER_KEY, 0)):04d}_{trial.trial_id}"
 
 
-def _flat_params(base: dict, fixed: dict, config: Mapping[str, Any]) -> dict[str, Any]:
-    return build_config(base, fixed, config).flat()
+def _trial_config(base: dict, fixed: dict, config: Mapping[str, Any]) -> Any:
+    return build_config(base, fixed, config)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,7 +343,7 @@ class Study:
         from study.tracking import Tracker
 
         uri = self.manifest.tracking_uri
-        root = str(Path(self.manifest.runs_dir) / "mlartifacts") if uri.startswith("sqlite:") else None
+        root = str(Path(self.manifest.runs_dir) / "mlartifacts" / self.space.study.name) if uri.startswith("sqlite:") else None
         return Tracker(uri, self.space.study.name, artifact_root=root)
 
     def trainable(self, cpus: float, gpus: float) -> Any:
@@ -362,16 +364,17 @@ class Study:
         from study.tracking import MlflowTrialCallback
 
         return MlflowTrialCallback(tracker, self.space.study.name, self.manifest.parent_run_id, str(self.paths.space),
-                                   trial_params=functools.partial(_flat_params, self.space.trial, self.fixed),
+                                   trial_config=functools.partial(_trial_config, self.space.trial, self.fixed),
                                    link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name))
 
     def run_pretraining(self, cpus: float, gpus: float) -> None:
-        """The dense model, once per study, as a Ray task on the trials' kind of resources."""
+        """The dense model, once per study, as a Ray task on the resources of one trial.
+
+        (Not more threads on a CPU machine: small convolutions gain little from them, and torch's
+        spinning threads slow down ten-fold when the cores are shared.)"""
         import ray
 
         cfg = self.space.trial_config({}, self.fixed)
-        if gpus == 0:  # nothing else runs yet: give the CPU-only pretraining every core the trials would use
-            cpus = max(cpus, min(ray.cluster_resources().get("CPU", 1), cpus * self.space.study.max_concurrent))
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(pretrain_task)
         t0 = time.perf_counter()
         print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) on {cpus:g} CPU / {gpus:g} GPU ...", flush=True)
@@ -409,8 +412,32 @@ class Study:
                   f"    study resume {s.name}" + (f" --runs-dir {self.manifest.runs_dir}" if self._custom_runs_dir() else ""),
                   flush=True)
             return Outcome("interrupted", *self._counts(optuna_study), [], None, self.manifest.parent_run_id)
-        fail_running(optuna_study, "the search ended while it was RUNNING")
+        reason = ("stopped by the study's time budget" if budget_spent else
+                  "the search ended while it was RUNNING (a bug: please report it)")
+        fail_running(optuna_study, reason, expected=budget_spent)
+        tracker.close_trial_runs(self.manifest.parent_run_id, "KILLED", reason)
+        self.record_unstarted(optuna_study, tracker)
         return self.finish(optuna_study, tracker)
+
+    def record_unstarted(self, optuna_study: Any, tracker: Any) -> None:
+        """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
+        from optuna.trial import TrialState
+
+        from study.tracking import provenance_tags
+
+        parent = self.manifest.parent_run_id
+        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        have = {r.data.tags.get("optuna_trial_number") for r in runs}
+        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if str(t.number) in have:
+                continue
+            run_id = tracker.create_run(f"{self.space.study.name}-{t.number:04d}", {
+                "study": self.space.study.name, "optuna_trial_number": str(t.number), "mlflow.parentRunId": parent,
+                "run_role": "trial", "fail_reason": t.user_attrs.get("fail_reason", "never started"),
+                **provenance_tags()})
+            config = {**t.params, NUMBER_KEY: t.number}
+            tracker.log_batch(run_id, params=_trial_config(self.space.trial, self.fixed, config).flat())
+            tracker.finish(run_id, "KILLED")
 
     def _custom_runs_dir(self) -> bool:
         return Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
@@ -481,7 +508,7 @@ def print_front(name: str, rows: list[dict], keys: list[str], complete: int, fai
 def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str]) -> None:
     store = manifest.storage
     dash = store[len("journal:"):] if store.startswith("journal:") else store
-    cols = ",".join(["trial_id", "status", *[f"{m}" for m in metrics], "clean_acc", "config/prune.keep_fraction"])
+    cols = ",".join(["trial_id", *metrics[:2], "config/prune.keep_fraction"])  # fits 80 columns
     print("\nLook at it with:\n"
           f"    mlflow ui --backend-store-uri {manifest.tracking_uri}\n"
           f"    optuna-dashboard {dash}\n"
@@ -506,6 +533,8 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
     elif paths.manifest.exists() or paths.experiment.exists():
         raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.root}; "
                           f"continue it with `study resume {name}`, or start over with --fresh", space.path)
+    if not fresh and (url != paths.default_storage or (paths.root / "optuna.db").exists()):
+        _refuse_existing_optuna(url, name, space.path)
     manifest = Manifest(name=name, space_file=str(Path(space.path).resolve()), storage=url,
                         tracking_uri=tracking_uri or default_tracking_uri(runs_dir),
                         runs_dir=str(Path(runs_dir).resolve()))
@@ -515,6 +544,15 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
     manifest.save(paths.manifest)
     start_ray(address, num_cpus)
     return Study(space, paths, manifest, run_trial, pretrain).execute(resume=False)
+
+
+def _refuse_existing_optuna(url: str, name: str, source: str) -> None:
+    import optuna
+
+    for summary in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False):
+        if summary.study_name == name and summary.n_trials:
+            raise ConfigError("study.name", f"the Optuna storage {url} already holds a study {name!r} with "
+                              f"{summary.n_trials} trials; start over with --fresh or pick another name", source)
 
 
 def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callable | None = None,

@@ -137,6 +137,15 @@ class Tracker:
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
 
+    def close_trial_runs(self, parent_run_id: str, status: str, reason: str) -> int:
+        """Nested runs still RUNNING when the study ends (a stopped trial) get `status` and a reason."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=
+                                       f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            self.log_batch(run.info.run_id, tags={"fail_reason": reason})
+            self.finish(run.info.run_id, status)
+        return len(runs)
+
     def last_step(self, run: Any) -> int:
         return int(run.data.metrics.get("step", 0)) if run is not None else 0
 
@@ -178,16 +187,16 @@ def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapp
 class MlflowTrialCallback(Callback):
     """Tune callback: a nested MLflow run per trial, one log_batch per reported epoch.
 
-    `trial_params(config)` maps a Tune trial config to the flat dotted TrialConfig params;
+    `trial_config(config)` maps a Tune trial config to its TrialConfig (flat params + JSON artifact);
     `link(number, run_id)` records the run id with the Optuna trial (both picklable: this callback is
     pickled with the Tuner and restored on resume).
     """
 
     def __init__(self, tracker: Tracker, study: str, parent_run_id: str, space_file: str,
-                 trial_params: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+                 trial_config: Callable[[Mapping[str, Any]], Any],
                  link: Callable[[int, str], None] | None = None):
         self.tracker, self.study, self.parent_run_id = tracker, study, parent_run_id
-        self.space_file, self.trial_params, self.link = space_file, trial_params, link
+        self.space_file, self.trial_config, self.link = space_file, trial_config, link
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._steps: dict[str, int] = {}  # MLflow run id -> last step logged
 
@@ -220,11 +229,12 @@ class MlflowTrialCallback(Callback):
 
     def _start(self, run_id: str, trial: Any) -> None:
         try:
-            params = dict(self.trial_params(trial.config))
+            cfg = self.trial_config(trial.config)
+            params, tree = cfg.flat(), cfg.to_dict()
         except Exception as e:  # a bad config fails the trial itself; record what we can
-            params = {"config_error": str(e)}
+            params = tree = {"config_error": str(e)}
         self.tracker.log_batch(run_id, params=params)
-        self.tracker.log_dict(run_id, params, "trial_config.json")
+        self.tracker.log_dict(run_id, tree, "trial_config.json")
         self.tracker.log_file(run_id, self.space_file)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

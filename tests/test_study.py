@@ -50,7 +50,7 @@ def fake_pretrain(cfg):
     return path
 
 
-def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), interrupt=None, epochs=2):
+def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), interrupt=None, epochs=2, sleep=0.0):
     """Made-up but sensible metrics: smaller keep_fraction -> fewer params, lower robust accuracy.
 
     `fail`/`nan`: Optuna numbers that raise / end with a NaN objective. `interrupt`: (number, driver pid,
@@ -62,6 +62,7 @@ def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), in
         Path(interrupt[2]).write_text("sent")
         os.kill(interrupt[1], signal.SIGINT)
         time.sleep(60)
+    time.sleep(sleep)
     first = int(resume_state["step"]) + 1 if resume_state else 1
     for step in range(first, epochs + 1):
         if on_epoch is not None:
@@ -149,6 +150,11 @@ def test_study_records_every_trial_in_optuna_and_mlflow(tmp_path, capsys):
     # study report reprints the front from the Optuna storage
     runner.report_study("quickstart", runs_dir=tmp_path / "runs")
     assert "Pareto front of study 'quickstart'" in capsys.readouterr().out
+    # resuming a finished study changes nothing
+    again = runner.resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=fake_run_trial,
+                                pretrain=fake_pretrain)
+    assert again.status == "complete"
+    _check_consistent(tmp_path, 3)
 
 
 def test_failing_and_nan_trials_are_failed_and_the_study_completes(tmp_path):
@@ -176,12 +182,23 @@ def test_interrupted_study_resumes_to_exactly_n_trials(tmp_path):
     assert study.trials[orphan.number].state == TrialState.COMPLETE  # adopted, not duplicated
 
 
-def test_resume_of_a_finished_study_changes_nothing(tmp_path):
-    _run(tmp_path, _space(n_trials=2))
-    again = runner.resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=fake_run_trial,
-                                pretrain=fake_pretrain)
-    assert again.status == "complete"
-    _check_consistent(tmp_path, 2)
+def test_time_budget_fails_unfinished_trials_and_ends_the_study(tmp_path):
+    trial = functools.partial(fake_run_trial, sleep=30.0)
+    outcome = _run(tmp_path, _space(n_trials=4, **{"study.time_budget_s": 2}), run_trial=trial)
+    assert outcome.status == "complete" and outcome.complete == 0
+    study = _optuna(tmp_path)
+    assert study.trials and {t.state for t in study.trials} == {TrialState.FAIL}
+    assert all("time budget" in t.user_attrs["fail_reason"] for t in study.trials)
+    _, _, runs = _mlflow(tmp_path)
+    assert len(runs) == len(study.trials) and {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_storage_urls(tmp_path):
+    assert type(runner.open_storage(f"journal://{tmp_path}/a.log")).__name__ == "JournalStorage"
+    assert type(runner.open_storage(str(tmp_path / "b.journal"))).__name__ == "JournalStorage"
+    assert type(runner.open_storage(f"sqlite:///{tmp_path}/c.db")).__name__ == "RDBStorage"
+    with pytest.raises(Exception, match="neither a database URL"):
+        runner.open_storage(str(tmp_path / "d.txt"))
 
 
 @pytest.mark.slow
