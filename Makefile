@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/study run search_spaces/quickstart.yaml
+	$(BIN)/study run --fresh search_spaces/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

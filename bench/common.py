@@ -130,8 +130,15 @@ def peak_memory_bytes(device: torch.device | str) -> int:
 
 
 def rss_peak_bytes() -> int:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return int(kib) * 1024
+    """This process's peak resident set size. Linux: VmHWM, which starts afresh at exec; getrusage's
+    ru_maxrss does not (a child started by a 1 GB parent reports >= 1 GB), so it is only the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 def memory_kind(device: str) -> str:

@@ -79,7 +79,7 @@ def table(rows: list[dict[str, Any]], machine: common.Machine) -> common.Table:
         body.append(row)
     steps = {r["attack_steps"] for r in rows[:-1]}
     notes = [
-        f"{'process peak RSS (resource.getrusage)' if cpu else 'torch.cuda.max_memory_allocated'}, one process per row.",
+        f"{'process peak RSS (VmHWM of /proc/self/status)' if cpu else 'torch.cuda.max_memory_allocated'}, one process per row.",
         f"Training-step rows: the arch at full width, CIFAR-10 shapes, PGD with {', '.join(map(str, steps))} attack "
         "step(s) (the peak does not grow with K: each attack step's graph is freed before the next), "
         "keep fraction 0.1.",

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="trials of the study-overhead benchmark (default: 3 quickstart trials on CUDA, 2 shortened on CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (CUDA)")
     p.add_argument("--out", default=str(DOC), help="markdown file to write ('' = do not write)")
+    p.add_argument("--keep", action="store_true",
+                   help="re-render the benchmarks left out of --only from the raw results of the last run "
+                        "(<out>.json, same machine), each table marked with the date it was measured")
     args = p.parse_args(argv)
 
     from bench import memory, prune_overhead, study_overhead, throughput
@@ -77,38 +80,62 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     machine = common.describe_machine(device)
     print(f"[bench] {machine.line()}", flush=True)
-    tables: list[common.Table] = []
     raw: dict[str, Any] = {"machine": machine.as_dict()}
 
     def log(msg: str) -> None:
         print(msg, flush=True)
+
+    kept: dict[str, Any] = {}
+    prev_machine = machine
+    if args.keep and args.out and Path(args.out).with_suffix(".json").is_file():
+        prev = json.loads(Path(args.out).with_suffix(".json").read_text())
+        if prev.get("machine", {}).get("device") != machine.device or prev["machine"].get("cpu") != machine.cpu:
+            p.error("--keep: the last run was on another machine; re-run every benchmark")
+        prev_machine = common.Machine(**prev["machine"])
+        prev_date = prev.get("dates", {})
+        prev_load = prev.get("loads", {})
+        kept = {b: (prev[b], prev_date.get(b, prev.get("date", "?")), prev_load.get(b, "")) for b in BENCHES
+                if b not in only and b in prev}
 
     if "throughput" in only:
         print("[bench] 1. PGD-10 throughput", flush=True)
         specs = throughput.default_specs(device, archs, ["prune", "finetune"] if device == "cuda" else ["prune"],
                                          not args.no_compile)
         raw["throughput"] = throughput.run(specs, log)
-        tables.append(throughput.table(raw["throughput"], machine))
     if "prune_overhead" in only:
         print("[bench] 2. pruning-layer overhead", flush=True)
         raw["prune_overhead"] = prune_overhead.run(prune_overhead.default_specs(device, archs), log)
-        tables.append(prune_overhead.table(raw["prune_overhead"], machine))
     if "study_overhead" in only:
         print("[bench] 3. study machinery overhead", flush=True)
         cuda = device == "cuda"
         raw["study_overhead"] = study_overhead.run(args.trials or (3 if cuda else 2), os.cpu_count() or 1, log=log,
                                                    short=not cuda)
-        tables.append(study_overhead.table(raw["study_overhead"], machine))
     if "memory" in only:
         print("[bench] 4. peak memory", flush=True)
         raw["memory"] = memory.run(device, archs, log=log)
-        tables.append(memory.table(raw["memory"], machine))
 
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    dates = {b: now for b in only}
+    load_after = load_average()
+    loads = {b: f"load average before {load_before}, after {load_after}" for b in only}
+    tables: list[common.Table] = []
+    makers = {"throughput": throughput.table, "prune_overhead": prune_overhead.table,
+              "study_overhead": study_overhead.table, "memory": memory.table}
+    for b in BENCHES:
+        if b in raw:
+            tables.append(makers[b](raw[b], machine))
+        elif b in kept:
+            raw[b], dates[b], loads[b] = kept[b]
+            t = makers[b](raw[b], prev_machine)
+            t.notes.append(f"Measured {dates[b]} by an earlier run ({prev_machine.matmul_dtype} matmul then "
+                           f"{prev_machine.matmul_tflops:.3g} TFLOP/s{'; ' + loads[b] if loads[b] else ''}); "
+                           "re-rendered with --keep.")
+            tables.append(t)
     elapsed = time.perf_counter() - t_start
     command = "python -m bench.run_all" + ("" if argv is None and len(sys.argv) <= 1 else
                                            " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    extra = [f"load average (1/5/15 min) before: {load_before}, after: {load_average()} "
+    extra = [f"load average (1/5/15 min) before: {load_before}, after: {load_after} "
              "(other processes on the machine make absolute times noisy; interleaved repeats keep ratios fair)",
              f"wall time of the whole run: {elapsed / 60:.1f} min"]
     text = render_markdown(tables, machine, command, date, extra)
@@ -118,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         out.with_suffix(".json").write_text(json.dumps({**raw, "tables": [t.as_dict() for t in tables],
-                                                        "command": command, "date": date}, indent=1) + "\n")
+                                                        "command": command, "date": date, "dates": dates,
+                                                        "loads": loads},
+                                                       indent=1) + "\n")
         print(f"[bench] written {out} and {out.with_suffix('.json')}")
     return 0
 

@@ -39,7 +39,7 @@ import yaml
 
 from study.config import ConfigError, parse_overrides
 from study.space import SearchSpace, load_space
-from study.trainable import NUMBER_KEY, build_config, pretrain_task, study_trainable
+from study.trainable import NODE_KEY, NUMBER_KEY, build_config, pretrain_task, study_trainable
 
 log = logging.getLogger("study.runner")
 
@@ -195,7 +195,9 @@ def _define_by_run(space: SearchSpace, trial: Any) -> dict[str, Any]:
     return {**values, NUMBER_KEY: trial.number}
 
 
+@functools.lru_cache(maxsize=1)
 def _searcher_class() -> type:
+    """StudySearch, built on first use (importing Ray Tune costs seconds; `study trial` needs none of it)."""
     from optuna.trial import Trial, TrialState
     from ray.tune.search.optuna import OptunaSearch
 
@@ -240,6 +242,8 @@ def _searcher_class() -> type:
                 for key, value in numeric_metrics(result).items():
                     if key not in ("final", "step", "epoch"):
                         ot_trial.set_user_attr(key, value)
+                if isinstance(result.get(NODE_KEY), str):
+                    ot_trial.set_user_attr(NODE_KEY, result[NODE_KEY])
                 self._ot_study.tell(ot_trial, [float(v) for v in values], state=TrialState.COMPLETE)
                 return
             reason = ("the trial raised (see Tune's error file)" if error else
@@ -249,7 +253,14 @@ def _searcher_class() -> type:
             log.warning("Optuna trial %d recorded as FAIL: %s", ot_trial.number, reason)
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
 
+    StudySearch.__module__, StudySearch.__qualname__ = __name__, "StudySearch"  # pickled by reference
     return StudySearch
+
+
+def __getattr__(name: str) -> Any:  # study.runner.StudySearch, importable (the Tuner pickles its searcher)
+    if name == "StudySearch":
+        return _searcher_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fail_running(study: Any, reason: str, expected: bool = False) -> int:
@@ -328,9 +339,10 @@ class Study:
     """Everything one study needs, built from its search space and its manifest."""
 
     def __init__(self, space: SearchSpace, paths: StudyPaths, manifest: Manifest,
-                 run_trial: Callable | None = None, pretrain: Callable | None = None):
+                 run_trial: Callable | None = None, pretrain: Callable | None = None, final_eval: bool = True):
         self.space, self.paths, self.manifest = space, paths, manifest
         self.run_trial, self.pretrain = run_trial, pretrain
+        self.final_eval = final_eval  # the robustness suite's final budget on the front (study.robustness)
         s = space.study
         cache = space.base_config().cache_dir
         explicit_cache = "cache_dir" in space.trial
@@ -351,7 +363,8 @@ class Study:
 
         s = self.space.study
         fn = tune.with_parameters(study_trainable, base=self.space.trial, fixed=self.fixed, objectives=s.metrics,
-                                  study_dir=str(self.paths.root), threads=max(1, int(cpus)), run_trial=self.run_trial)
+                                  study_dir=str(self.paths.root), threads=max(1, int(cpus)), run_trial=self.run_trial,
+                                  robustness=s.robustness)
         return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
     def searcher(self) -> Any:
@@ -417,6 +430,8 @@ class Study:
         fail_running(optuna_study, reason, expected=budget_spent)
         tracker.close_trial_runs(self.manifest.parent_run_id, "KILLED", reason)
         self.record_unstarted(optuna_study, tracker)
+        if self.final_eval and s.robustness is not None:
+            self.final_evaluation(optuna_study, tracker, cpus, gpus)
         return self.finish(optuna_study, tracker)
 
     def record_unstarted(self, optuna_study: Any, tracker: Any) -> None:
@@ -471,6 +486,90 @@ class Study:
                 callbacks=[self.callback(tracker)]),
         )
 
+    # --- the final evaluation of the front (study.robustness) ------------------------------------
+
+    def final_evaluation(self, optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:
+        """The robustness suite with the final budget (TEST split, AutoAttack where set) on every front
+        trial, as Ray tasks on one trial's resources; saved as trials/<n>/robustness_final.json (a resume
+        does not redo it) and logged with a `final.` prefix to the trial's nested MLflow run."""
+        import ray
+
+        from analysis import pareto
+        from study import robust_eval
+        from study.trainable import trial_dir
+
+        settings = self.space.study.robustness
+        todo = []
+        for t in pareto.front_trials(optuna_study):
+            folder = trial_dir(self.paths.root, t.number)
+            if robust_eval.load_final(folder, settings.final_budget) is not None:
+                continue
+            if not (folder / "model.pt").is_file():
+                log.warning("final evaluation: trial %d has no %s; skipped", t.number, folder / "model.pt")
+                continue
+            todo.append((t, folder))
+        if not todo:
+            return 0
+        print(f"[study] final robustness evaluation of {len(todo)} front trial(s) on the test split "
+              f"({robust_eval.budget_text(settings.final_budget)}) ...", flush=True)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(robust_eval.final_task)
+        refs = [task.remote(_trial_config(self.space.trial, self.fixed, {**t.params, NUMBER_KEY: t.number}),
+                            str(folder / "model.pt"), settings, max(1, int(cpus))) for t, folder in todo]
+        done = 0
+        for (t, folder), ref in zip(todo, refs):
+            try:
+                report = ray.get(ref)
+            except Exception as e:  # one trial's evaluation failing must not lose the study's report
+                log.warning("final evaluation of trial %d failed: %s", t.number, e)
+                continue
+            path = robust_eval.save_final(folder, report, settings.final_budget)
+            self._log_final(tracker, t, report, path)
+            print(f"[study] trial {t.number}: final evaluation done in {report.wall_s.get('total', 0):.0f}s"
+                  + ("  ** SUSPECT: a sanity check failed **" if report.suspect else ", checks ok"), flush=True)
+            done += 1
+        return done
+
+    def _log_final(self, tracker: Any, trial: Any, report: Any, path: Path) -> None:
+        from study import robust_eval
+
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            run = tracker.find_run({"study": self.space.study.name, "optuna_trial_number": str(trial.number),
+                                    "mlflow.parentRunId": self.manifest.parent_run_id})
+            run_id = run.info.run_id if run is not None else None
+        if not run_id:
+            log.warning("final evaluation of trial %d: no MLflow run to log it to", trial.number)
+            return
+        failed = [c.name for c in report.checks if not c.passed]
+        try:
+            tracker.log_batch(run_id, metrics=robust_eval.final_metrics(report),
+                              tags={"final.suspect": str(report.suspect).lower(),
+                                    "final.failed_checks": ", ".join(failed) or "none"})
+            tracker.log_file(run_id, path)
+        except Exception as e:  # the numbers are saved in the trial folder anyway
+            log.warning("could not log the final evaluation of trial %d to MLflow: %s", trial.number, e)
+
+    def _final_columns(self, rows: list[dict[str, Any]]) -> dict[int, dict]:
+        """Adds the saved final evaluations' columns (final.robust..., final.autoattack..., final.suspect)
+        to the front rows, in place; returns trial number -> saved payload."""
+        s = self.space.study
+        if s.robustness is None:
+            return {}
+        from study import robust_eval
+        from study.trainable import trial_dir
+
+        out = {}
+        for row in rows:
+            payload = robust_eval.load_final(trial_dir(self.paths.root, int(row["trial"])))
+            if payload is None:
+                continue
+            out[int(row["trial"])] = payload
+            run_id = row.pop("mlflow_run_id", None)
+            row.update(robust_eval.front_columns(payload["metrics"], s.metrics))
+            if run_id is not None:
+                row["mlflow_run_id"] = run_id
+        return out
+
     def _counts(self, study: Any) -> tuple[int, int]:
         from optuna.trial import TrialState
 
@@ -482,10 +581,13 @@ class Study:
 
         s = self.space.study
         rows = pareto.front_rows(optuna_study, s.metrics)
+        finals = self._final_columns(rows)
         csv = pareto.write_csv(rows, self.paths.pareto)
         complete, failed = self._counts(optuna_study)
         hv = pareto.study_hypervolume(optuna_study)
         print_front(s.name, rows, self.space.keys, complete, failed, hv, csv)
+        if finals:
+            print_final_checks(finals, s.robustness)
         if tracker is not None:
             run = self.manifest.parent_run_id
             tracker.log_batch(run, metrics={"trials_complete": complete, "trials_failed": failed,
@@ -505,6 +607,18 @@ def print_front(name: str, rows: list[dict], keys: list[str], complete: int, fai
     print(f"written to {csv}", flush=True)
 
 
+def print_final_checks(finals: Mapping[int, dict], robustness: Any) -> None:
+    """One line per evaluated front trial: the sanity checks of its final robustness evaluation."""
+    from study import robust_eval
+
+    budget = robust_eval.budget_text(robustness.final_budget) if robustness is not None else ""
+    print(f"\nfinal robustness evaluation (test split, {budget}): sanity checks")
+    for number, payload in sorted(finals.items()):
+        failed = payload.get("failed_checks") or []
+        print(f"  trial {number}: " + (f"SUSPECT, failed: {', '.join(failed)}" if failed else "all checks passed"))
+    print("  (a failed check flags possible gradient masking or a broken evaluation: see docs/robustness.md)", flush=True)
+
+
 def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str]) -> None:
     store = manifest.storage
     dash = store[len("journal:"):] if store.startswith("journal:") else store
@@ -521,7 +635,8 @@ def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str]) -> 
 
 def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri: str | None = None,
               storage: str | None = None, fresh: bool = False, run_trial: Callable | None = None,
-              pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None) -> Outcome:
+              pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None,
+              final_eval: bool = True) -> Outcome:
     """Start a study from a validated search space (refuses to overwrite one unless `fresh`)."""
     from study.tracking import default_tracking_uri
 
@@ -543,7 +658,7 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
     paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
     manifest.save(paths.manifest)
     start_ray(address, num_cpus)
-    return Study(space, paths, manifest, run_trial, pretrain).execute(resume=False)
+    return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=False)
 
 
 def _refuse_existing_optuna(url: str, name: str, source: str) -> None:
@@ -556,11 +671,12 @@ def _refuse_existing_optuna(url: str, name: str, source: str) -> None:
 
 
 def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callable | None = None,
-                 pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None) -> Outcome:
+                 pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None,
+                 final_eval: bool = True) -> Outcome:
     """Continue a study from its manifest: Tune's checkpoint where there is one, Optuna's storage anyway."""
     paths, manifest, space = _open(name, runs_dir)
     start_ray(address, num_cpus)
-    return Study(space, paths, manifest, run_trial, pretrain).execute(resume=True)
+    return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=True)
 
 
 def report_study(name: str, *, runs_dir: str | Path = "runs") -> Outcome:
@@ -607,6 +723,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="runs", help="where studies live (default: runs)")
 
 
+def _add_final_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-final-eval", dest="final_eval", action="store_false",
+                   help="skip the final robustness evaluation of the Pareto front (study.robustness.final_budget)")
+
+
 def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
@@ -620,12 +741,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="Optuna storage URL or journal file (default: the file's "
                    "study.storage, else sqlite:///<runs-dir>/<study>/optuna.db)")
     p.add_argument("--fresh", action="store_true", help="delete an existing study of the same name first")
+    _add_final_eval(p)
     _add_common(p)
     _add_ray(p)
 
 
 def add_resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="study name (the folder under --runs-dir)")
+    _add_final_eval(p)
     _add_common(p)
     _add_ray(p)
 
@@ -655,12 +778,14 @@ def _exit_code(outcome: Outcome) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     space = load_space(args.space, parse_overrides(args.set or []))
     outcome = run_study(space, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, storage=args.storage,
-                        fresh=args.fresh, address=args.address, num_cpus=args.num_cpus)
+                        fresh=args.fresh, address=args.address, num_cpus=args.num_cpus,
+                        final_eval=getattr(args, "final_eval", True))
     return _exit_code(outcome)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    outcome = resume_study(args.name, runs_dir=args.runs_dir, address=args.address, num_cpus=args.num_cpus)
+    outcome = resume_study(args.name, runs_dir=args.runs_dir, address=args.address, num_cpus=args.num_cpus,
+                           final_eval=getattr(args, "final_eval", True))
     return _exit_code(outcome)
 
 

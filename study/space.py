@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from study.config import ConfigError, TrialConfig, merge, read_yaml, trial_from_dict, unflatten
+from study.robust_eval import SUITE_FAMILIES, RobustnessSettings, canonical_metric, is_suite_name, parse_robustness
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 # Final metrics of a trial (pipeline.TrialResult.metrics) that may serve as objectives.
@@ -37,7 +38,7 @@ PARAM_KEYS = ("float", "int", "choice", "log", "step", "when")
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str  # a final trial metric, one of OBJECTIVE_METRICS
+    metric: str  # a final trial metric: one of OBJECTIVE_METRICS, or a suite metric (canonical name) of `robustness`
     mode: str  # "min" | "max"
 
 
@@ -55,6 +56,7 @@ class StudySettings:
     seed: int = 0  # sampler seed
     storage: str = ""  # Optuna storage URL or journal file; "" = sqlite:///runs/<name>/optuna.db
     objectives: tuple[Objective, ...] = (Objective("params_kept", "min"), Objective("robust_acc", "max"))
+    robustness: RobustnessSettings | None = None  # the robustness suite per trial (search) and on the front (final)
 
     @property
     def metrics(self) -> list[str]:
@@ -131,15 +133,36 @@ class SearchSpace:
 def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
     """Read and validate a search-space file; every mistake is a ConfigError naming file and key.
 
-    `overrides` are dotted keys of the file itself (`study.n_trials`, `trial.finetune.epochs`).
+    `overrides` are dotted keys of the file itself (`study.n_trials`, `trial.finetune.epochs`,
+    `search.prune.keep_fraction.float`, or a whole `search.prune.keep_fraction` spec).
     """
     data = read_yaml(path)
     try:
         if overrides:
-            data = merge(data, unflatten(overrides))
+            data = _apply_overrides(data, overrides)
         return parse_space(data, str(path))
     except ConfigError as e:
         raise e.with_source(path) from None
+
+
+def _apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Search keys are dotted themselves: `search.<key>.<float|int|choice|log|step|when>` edits one
+    field of a parameter, `search.<key>` replaces (or adds) the whole spec."""
+    plain = {k: v for k, v in overrides.items() if not k.startswith("search.")}
+    out = merge(data, unflatten(plain))
+    search = dict(out.get("search") or {})
+    for key, value in overrides.items():
+        if not key.startswith("search."):
+            continue
+        param, _, last = key[len("search."):].rpartition(".")
+        if last in PARAM_KEYS and param:
+            spec = search.get(param)
+            search[param] = {**(spec if isinstance(spec, Mapping) else {}), last: value}
+        else:
+            search[key[len("search."):]] = value
+    if search:
+        out["search"] = search
+    return out
 
 
 def parse_space(data: Mapping[str, Any], path: str = "<memory>") -> SearchSpace:
@@ -191,6 +214,7 @@ def _parse_study(raw: Mapping[str, Any]) -> StudySettings:
                 raise ConfigError(k, f"unknown sampler {value!r}; valid choices: {', '.join(SAMPLERS)}")
             out[key] = value
         elif key == "sampler_options":
+            value = {} if value is None else value  # `--set study.sampler_options=null` clears them
             if not isinstance(value, Mapping):
                 raise ConfigError(k, "expected a mapping of sampler keyword arguments")
             out[key] = dict(value)
@@ -204,6 +228,10 @@ def _parse_study(raw: Mapping[str, Any]) -> StudySettings:
             out[key] = value if value == "auto" else _number(value, k, minimum=0.0)
         elif key == "objectives":
             out[key] = _parse_objectives(value)
+        elif key == "robustness":
+            out[key] = None if value is None else parse_robustness(value)
+    if "objectives" in out:
+        out["objectives"] = _suite_objectives(out["objectives"], out.get("robustness"))
     settings = StudySettings(**out)
     _check_sampler_options(settings)
     return settings
@@ -223,11 +251,30 @@ def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
             raise ConfigError(key, "expected {metric: NAME, mode: min|max}")
         _no_unknown(item, ("metric", "mode"), key + ".")
         metric, mode = item.get("metric"), item.get("mode")
-        if metric not in OBJECTIVE_METRICS:
-            raise ConfigError(key + ".metric", f"unknown metric {metric!r}; valid choices: {', '.join(OBJECTIVE_METRICS)}")
+        if not isinstance(metric, str) or (metric not in OBJECTIVE_METRICS and not is_suite_name(metric)):
+            raise ConfigError(key + ".metric", f"unknown metric {metric!r}; valid choices: {', '.join(OBJECTIVE_METRICS)}, "
+                              f"or with a study.robustness section {', '.join(SUITE_FAMILIES)}")
         if mode not in ("min", "max"):
             raise ConfigError(key + ".mode", f"unknown mode {mode!r}; valid choices: min, max")
         out.append(Objective(metric, mode))
+    if len({o.metric for o in out}) != len(out):
+        raise ConfigError("study.objectives", "an objective metric is listed twice")
+    return tuple(out)
+
+
+def _suite_objectives(objectives: tuple[Objective, ...], robustness: RobustnessSettings | None) -> tuple[Objective, ...]:
+    """Suite metrics (robust.<t>.<eps>, auc.<t>, scenario.<t>.<eps>.r<r>) must be evaluated by the
+    `robustness` section; they are renamed to the suite's own spelling (robust.l2.1.0 -> robust.l2.1)."""
+    out = []
+    for i, o in enumerate(objectives):
+        if o.metric in OBJECTIVE_METRICS:
+            out.append(o)
+            continue
+        try:
+            name = canonical_metric(o.metric, robustness)
+        except ValueError as e:
+            raise ConfigError(f"study.objectives[{i}].metric", f"{o.metric!r}: {e}") from None
+        out.append(Objective(name, o.mode))
     if len({o.metric for o in out}) != len(out):
         raise ConfigError("study.objectives", "an objective metric is listed twice")
     return tuple(out)

@@ -24,7 +24,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 # Result keys Tune adds or that are not metrics.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
     "done", "trial_id", "experiment_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name",
-    "training_iteration", "optuna_trial_number",
+    "training_iteration", "optuna_trial_number", "final",
 }
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 MAX_PARAM_CHARS = 6000

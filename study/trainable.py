@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from study.config import trial_from_dict
 
 NUMBER_KEY = "optuna_trial_number"
+NODE_KEY = "ray_node_id"  # the Ray node that trained the trial (final report, final.json, Optuna user attr)
 FINAL_FILE = "final.json"
 
 
@@ -50,9 +51,16 @@ def check_objectives(metrics: Mapping[str, Any], objectives: Sequence[str]) -> N
                                  f"{ {m: metrics.get(m) for m in bad} }")
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequence[str], study_dir: str,
-                    threads: int = 1, run_trial: Callable | None = None) -> None:
-    """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's."""
+                    threads: int = 1, run_trial: Callable | None = None, robustness: Any = None) -> None:
+    """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's.
+    `robustness` (robust_eval.RobustnessSettings): the suite's search-budget metrics join the final ones."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     from ray import tune
@@ -88,14 +96,28 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
 
     result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume_state)
     metrics = {k: float(v) for k, v in result.metrics.items()}
+    if robustness is not None:
+        metrics.update(search_robustness(cfg, result, metrics, robustness))
     check_objectives(metrics, objectives)
     if hasattr(result, "save"):
         result.save(out)
-    final = {**metrics, "final": 1, "step": last_step + 1}
+    final = {**metrics, "final": 1, "step": last_step + 1, NODE_KEY: _node_id()}
     tmp = out / (FINAL_FILE + ".tmp")
     tmp.write_text(json.dumps(final, indent=2))
     os.replace(tmp, done)
     tune.report(final)
+
+
+def search_robustness(cfg: Any, result: Any, metrics: Mapping[str, float], settings: Any) -> dict[str, float]:
+    """The robustness suite on the trial's model (rebuilt from its exported state, eval mode) with the
+    cheap search budget on the VALIDATION split; its flat metrics, unprefixed, so objectives match."""
+    from study import robust_eval
+
+    state = getattr(result, "model_state", None)
+    if state is None:
+        raise RuntimeError("study.robustness is set but run_trial returned no model_state to evaluate")
+    report = robust_eval.evaluate(cfg, state, settings, final=False)
+    return robust_eval.search_metrics(report, metrics)
 
 
 def pretrain_task(cfg: Any, threads: int = 1, pretrain: Callable | None = None) -> str:

@@ -12,7 +12,25 @@ from study.config import ConfigError
 from study.space import load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def _all_search_space_files() -> list[Path]:
+    """search_spaces/*.yaml, plus any other YAML file in the repository shaped like a search space."""
+    found = set((ROOT / "search_spaces").glob("*.yaml"))
+    skip = {".venv", "runs", ".git", "node_modules", "data"}
+    for path in ROOT.rglob("*.y*ml"):
+        if skip & set(path.relative_to(ROOT).parts) or path in found:
+            continue
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue
+        if isinstance(data, dict) and {"study", "search"} <= set(data):
+            found.add(path)
+    return sorted(found)
+
+
+SPACES = _all_search_space_files()
 
 BASE = {
     "study": {"name": "t", "sampler": "random", "n_trials": 3},
@@ -75,6 +93,21 @@ def test_every_search_space_file_loads_and_samples(path):
         if values["attack.schedule"] == "constant":
             assert "attack.warmup_fraction" not in values
         study.tell(trial, [1.0, 0.5])
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_runs_the_conditional_space(sampler):
+    from study.runner import make_sampler
+
+    space = load_space(ROOT / "search_spaces" / "quickstart.yaml",
+                       {"study.sampler": sampler, "study.sampler_options": None})
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(space))
+    for i in range(12):
+        trial = study.ask()
+        values = space.suggest(trial)
+        keep = values["prune.keep_fraction"]
+        study.tell(trial, [keep * 1000, 0.5 + 0.4 * keep ** 0.5 - 0.01 * values["attack.steps"]])
+    assert len(study.best_trials) >= 1
 
 
 def test_conditional_parent_comes_first_and_fallback_is_fixed_value():
@@ -140,3 +173,11 @@ def test_overrides_apply_to_the_file():
     with pytest.raises(ConfigError) as e:
         load_space(path, {"study.n_trial": 2})
     assert e.value.key == "study.n_trial"
+    narrow = load_space(path, {"search.prune.keep_fraction.float": [0.01, 0.1],
+                               "search.attack.steps": {"choice": [1, 3]}})
+    by_key = {p.key: p for p in narrow.params}
+    assert (by_key["prune.keep_fraction"].low, by_key["prune.keep_fraction"].high, by_key["prune.keep_fraction"].log) == (0.01, 0.1, True)
+    assert by_key["attack.steps"].choices == (1, 3)
+    with pytest.raises(ConfigError) as e:
+        load_space(path, {"search.prune.score_init.choice": ["ssi", "magic"]})
+    assert e.value.key == "search.prune.score_init.choice" and "kaiming_normal" in str(e.value)

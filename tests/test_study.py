@@ -54,14 +54,11 @@ def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), in
     """Made-up but sensible metrics: smaller keep_fraction -> fewer params, lower robust accuracy.
 
     `fail`/`nan`: Optuna numbers that raise / end with a NaN objective. `interrupt`: (number, driver pid,
-    marker file): that trial sends the driver SIGINT (once) and then keeps running as a real trial would.
+    marker file): that trial sends the driver SIGINT (once) after its first epoch and keeps running.
+    A resumed trial starts after the epoch of its checkpoint (`resume_state["step"]`).
     """
     number = int(cfg.name.rsplit("-", 1)[1])
     assert Path(cfg.cache_dir, f"{cfg.pretrain_key()}.pt").is_file(), "pretraining must come first"
-    if interrupt and interrupt[0] == number and not Path(interrupt[2]).exists():
-        Path(interrupt[2]).write_text("sent")
-        os.kill(interrupt[1], signal.SIGINT)
-        time.sleep(60)
     time.sleep(sleep)
     first = int(resume_state["step"]) + 1 if resume_state else 1
     for step in range(first, epochs + 1):
@@ -70,6 +67,10 @@ def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), in
 
             on_epoch(EpochReport("finetune", step, step, {"train_loss": 1.0 / step, "val_robust_acc": 0.1 * step},
                                  lambda s=step: {"step": s}))
+        if interrupt and interrupt[0] == number and not Path(interrupt[2]).exists():
+            Path(interrupt[2]).write_text("sent")  # after one epoch: the resumed trial starts from its checkpoint
+            os.kill(interrupt[1], signal.SIGINT)
+            time.sleep(60)
     if number in fail:
         raise RuntimeError(f"fake trial {number} failed on purpose")
     keep = cfg.prune.keep_fraction
@@ -77,6 +78,13 @@ def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), in
     return FakeResult({"params_kept": round(10000 * keep), "params_total": 10000.0, "compression": 1 / keep,
                        "clean_acc": min(1.0, robust + 0.2), "robust_acc": float("nan") if number in nan else robust,
                        "val_clean_acc": 0.5, "val_robust_acc": 0.4, "sparsity": 1 - keep, "wall_s": 0.1})
+
+
+def logging_trial(cfg, *, log, inner, **kw):
+    """Runs `inner`, first appending '<name> <resume step>' to the file `log` (trials run in workers)."""
+    with open(log, "a") as f:
+        f.write(f"{cfg.name} {(kw.get('resume_state') or {}).get('step', 0)}\n")
+    return inner(cfg, **kw)
 
 
 def _space(n_trials=3, concurrent=2, **more):
@@ -176,7 +184,10 @@ def test_interrupted_study_resumes_to_exactly_n_trials(tmp_path):
     orphan = study.ask()
     with pytest.raises(Exception):
         runner.run_study(_space(n_trials=5, concurrent=1), runs_dir=tmp_path / "runs")  # exists: resume it
-    second = runner.resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=trial, pretrain=fake_pretrain)
+    log = tmp_path / "starts.txt"
+    second = runner.resume_study("quickstart", runs_dir=tmp_path / "runs", pretrain=fake_pretrain,
+                                 run_trial=functools.partial(logging_trial, log=str(log), inner=trial))
+    assert "quickstart-0002 1" in log.read_text().splitlines()  # continued from its epoch-1 checkpoint
     assert second.status == "complete"
     study = _check_consistent(tmp_path, 5)
     assert study.trials[orphan.number].state == TrialState.COMPLETE  # adopted, not duplicated

@@ -27,7 +27,8 @@ from typing import Any
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 THREATS = ("linf", "l2", "l0")
-L0_PIXELS = (0, 1, 2, 5, 10, 20)  # pixel budgets (Croce et al. use 10-24 pixels on MNIST/CIFAR), capped at half the image
+# pixel budgets (Croce et al. use 10-24 pixels on MNIST/CIFAR), capped at half the image
+L0_PIXELS = (0, 1, 2, 5, 10, 20)
 METRIC_PREFIX = "robustness."
 
 
@@ -333,8 +334,9 @@ def _evaluate(args, target: Target, reference: Target | None, threats: list[str]
                         batch_size=args.batch_size, square_queries=args.square_queries)
 
     print(f"evaluating {target.text}: {cfg.data.name} test split ({len(splits.x_test)} images), {cfg.model.arch} "
-          f"width {cfg.model.width or 'default'}, {cfg.prune.method} keep {cfg.prune.keep_fraction:g}, "
-          f"zero weights {zero_share(model):.1%}, trial eps {trial_eps(cfg):.4g}, on {device}"
+          f"width {cfg.model.width or 'default'}, "
+          + ("dense, " if cfg.prune.method == "dense" else f"{cfg.prune.method} keep {cfg.prune.keep_fraction:g}, ")
+          + f"zero weights {zero_share(model):.1%}, trial eps {trial_eps(cfg):.4g}, on {device}"
           + (f"; reference {reference.text}" if reference else ""), flush=True)
     report = evaluate_robustness(model, splits.x_test, splits.y_test, threats=spec, budget=budget,
                                  autoattack=aa, reference_model=ref_model, device=device,
