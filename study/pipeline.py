@@ -113,13 +113,15 @@ def _train_stage(
         scheduler.load_state_dict(resume["scheduler"])
         ctx.generator.set_state(resume["generator"])
         first = resume["epoch"] + 1
+    # Compiled on CUDA only when asked; the uncompiled module (same parameters) is what is saved and evaluated.
+    fast = torch.compile(model) if cfg.compile and ctx.runtime.device.type == "cuda" else model
     history = []
     for epoch in range(first, stage.epochs + 1):
         t0 = time.perf_counter()
         strength = strength_at(attack, (epoch - 1) / max(stage.epochs, 1))
         data = batches(sp.x_train, sp.y_train, cfg.data.batch_size, shuffle=True, generator=ctx.generator,
                        augment=cfg.data.augment and sp.info.augment)
-        metrics = train_epoch(model, data, loss_fn, optimizer, scheduler, strength, ctx.runtime, ctx.generator,
+        metrics = train_epoch(fast, data, loss_fn, optimizer, scheduler, strength, ctx.runtime, ctx.generator,
                               after_step)
         val = evaluate(model, sp.x_val, sp.y_val, eps=cfg.eval_eps, steps=cfg.eval.val_steps,
                        step_size=cfg.eval.step_size, points=cfg.eval.val_points, seed=cfg.eval.seed,

@@ -564,10 +564,7 @@ class Study:
             if payload is None:
                 continue
             out[int(row["trial"])] = payload
-            run_id = row.pop("mlflow_run_id", None)
-            row.update(robust_eval.front_columns(payload["metrics"], s.metrics))
-            if run_id is not None:
-                row["mlflow_run_id"] = run_id
+            row.update(robust_eval.front_columns(payload["metrics"], s.metrics))  # mlflow_run_id stays last
         return out
 
     def _counts(self, study: Any) -> tuple[int, int]:

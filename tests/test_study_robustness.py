@@ -165,7 +165,7 @@ def _space(final_autoattack: bool = True):
     budget = {"points": 24, "steps": 2, "restarts": 1, "square_queries": 10, "batch_size": 64}
     final = {**budget, "points": 32, **({"autoattack": True, "autoattack_eps": {"linf": [0.1]}} if final_autoattack else {})}
     return load_space(QUICKSTART, {
-        "study.n_trials": 3, "study.max_concurrent": 2, "study.sampler": "random", "study.sampler_options": None,
+        "study.n_trials": 2, "study.max_concurrent": 2, "study.sampler": "random", "study.sampler_options": None,
         "trial.model.width": 4,
         "study.objectives": [{"metric": "params_kept", "mode": "min"}, {"metric": "robust.linf.0.1", "mode": "max"}],
         "study.robustness": {"threats": {"linf": [0.1], "l2": [0.5]}, "scenario_r": [0.5],
@@ -190,7 +190,7 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
     space = _space(final_autoattack=autoattack)
     first = runner.run_study(space, runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain,
                              final_eval=False)
-    assert first.status == "complete" and first.complete == 3
+    assert first.status == "complete" and first.complete == 2
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{runs / 'quickstart' / 'optuna.db'}")
     client, mlruns = _mlflow_trial_runs(runs)
     for t in study.trials:
@@ -206,7 +206,7 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
     # resuming the finished study runs only the final evaluation of the front
     again = runner.resume_study("quickstart", runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain)
     out = capsys.readouterr().out
-    assert again.status == "complete" and again.complete == 3
+    assert again.status == "complete" and again.complete == 2
     front = {t.number for t in study.best_trials}
     rows = pareto.read_csv(again.pareto_csv)
     assert {int(r["trial"]) for r in rows} == front
