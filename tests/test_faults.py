@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers of test_multinode (no package here)
 from test_multinode import (  # noqa: E402
-    ROOT, LocalCluster, check_records, cmdline, mlflow_runs, optuna_trials, study_cli, tail, write_space,
+    LocalCluster, check_records, cmdline, mlflow_runs, optuna_trials, study_cli, tail, write_space,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -42,8 +42,6 @@ def cluster():
         yield c
     finally:
         left = c.stop()
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
     assert not left, f"processes left behind: {[(p, cmdline(p)[:2]) for p in left]}"
 
