@@ -294,6 +294,14 @@ def front_columns(final: Mapping[str, float], objectives: Sequence[str]) -> dict
     return dict(sorted(out.items(), key=lambda kv: (kv[0] == "final.suspect", kv[0])))
 
 
+def terminal_column(key: str, objectives: Sequence[str], row: Mapping[str, Any] = {}) -> bool:
+    """The final columns printed in the terminal table (the CSV has them all): the objectives' own final
+    figures, AutoAttack and the PGD figure beside it, suspect."""
+    name = key[len(FINAL_PREFIX):]
+    return (not key.startswith(FINAL_PREFIX) or key == "final.suspect" or name.startswith("autoattack.")
+            or name in objectives or (name.startswith("robust.") and f"final.autoattack.{name[7:]}" in row))
+
+
 def save_final(directory: str | Path, report: Any, budget: Budget) -> Path:
     path = Path(directory) / FINAL_FILE
     payload = {"budget": dataclasses.asdict(budget), "report": report.to_dict(), "metrics": final_metrics(report),

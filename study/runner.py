@@ -582,9 +582,14 @@ class Study:
         csv = pareto.write_csv(rows, self.paths.pareto)
         complete, failed = self._counts(optuna_study)
         hv = pareto.study_hypervolume(optuna_study)
-        print_front(s.name, rows, self.space.keys, complete, failed, hv, csv)
-        if finals:
+        if finals:  # the terminal gets the objectives' final figures, AutoAttack and suspect; the CSV all
+            from study.robust_eval import terminal_column
+
+            shown = [{k: v for k, v in r.items() if terminal_column(k, s.metrics, r)} for r in rows]
+            print_front(s.name, shown, self.space.keys, complete, failed, hv, csv)
             print_final_checks(finals, s.robustness)
+        else:
+            print_front(s.name, rows, self.space.keys, complete, failed, hv, csv)
         if tracker is not None:
             run = self.manifest.parent_run_id
             tracker.log_batch(run, metrics={"trials_complete": complete, "trials_failed": failed,
