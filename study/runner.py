@@ -39,7 +39,7 @@ import yaml
 
 from study.config import ConfigError, parse_overrides
 from study.space import SearchSpace, load_space
-from study.trainable import NODE_KEY, NUMBER_KEY, build_config, pretrain_task, study_trainable
+from study.trainable import NODE_KEY, NUMBER_KEY, build_config, pretrain_task, study_trainable, trial_dir
 
 log = logging.getLogger("study.runner")
 
@@ -378,7 +378,8 @@ class Study:
 
         return MlflowTrialCallback(tracker, self.space.study.name, self.manifest.parent_run_id, str(self.paths.space),
                                    trial_config=functools.partial(_trial_config, self.space.trial, self.fixed),
-                                   link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name))
+                                   link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name),
+                                   trial_dir=functools.partial(trial_dir, self.paths.root))
 
     def run_pretraining(self, cpus: float, gpus: float) -> None:
         """The dense model, once per study, as a Ray task on the resources of one trial.
@@ -478,7 +479,8 @@ class Study:
             tune_config=tune.TuneConfig(search_alg=self.searcher(), num_samples=remaining,
                                         max_concurrent_trials=s.max_concurrent,
                                         time_budget_s=s.time_budget_s or None,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
+                                        reuse_actors=True),  # no new process + torch import per trial
             run_config=tune.RunConfig(
                 name=s.name, storage_path=str(self.paths.tune_dir),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
@@ -496,7 +498,6 @@ class Study:
 
         from analysis import pareto
         from study import robust_eval
-        from study.trainable import trial_dir
 
         settings = self.space.study.robustness
         todo = []
@@ -556,7 +557,6 @@ class Study:
         if s.robustness is None:
             return {}
         from study import robust_eval
-        from study.trainable import trial_dir
 
         out = {}
         for row in rows:

@@ -194,9 +194,11 @@ class MlflowTrialCallback(Callback):
 
     def __init__(self, tracker: Tracker, study: str, parent_run_id: str, space_file: str,
                  trial_config: Callable[[Mapping[str, Any]], Any],
-                 link: Callable[[int, str], None] | None = None):
+                 link: Callable[[int, str], None] | None = None,
+                 trial_dir: Callable[[int], Path] | None = None):
         self.tracker, self.study, self.parent_run_id = tracker, study, parent_run_id
         self.space_file, self.trial_config, self.link = space_file, trial_config, link
+        self.trial_dir = trial_dir  # Optuna trial number -> the folder with the trial's model.pt/result.json
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._steps: dict[str, int] = {}  # MLflow run id -> last step logged
 
@@ -247,7 +249,8 @@ class MlflowTrialCallback(Callback):
             return  # already logged before a resume
         metrics = numeric_metrics(result)
         metrics["step"] = float(step)
-        self.tracker.log_batch(run_id, metrics=metrics, step=step)
+        tags = {"ray_node_id": result["ray_node_id"]} if isinstance(result.get("ray_node_id"), str) else None
+        self.tracker.log_batch(run_id, metrics=metrics, step=step, tags=tags)
         self._steps[run_id] = step
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -256,6 +259,11 @@ class MlflowTrialCallback(Callback):
         status = "FINISHED" if final else "KILLED"
         if not final:
             self.tracker.log_batch(run_id, tags={"fail_reason": "stopped before its final report"})
+        elif self.trial_dir is not None:  # the exported sparse model and its result, for `study evaluate runs:/<id>`
+            folder = self.trial_dir(int(trial.config.get("optuna_trial_number", -1)))
+            for name in ("model.pt", "result.json"):
+                if (folder / name).is_file():
+                    self.tracker.log_file(run_id, folder / name, "model")
         self.tracker.finish(run_id, status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -218,13 +218,16 @@ def test_quickstart_on_digits_with_the_real_pipeline(tmp_path):
     space = load_space(QUICKSTART, {"study.n_trials": 3, "study.max_concurrent": 2, "trial.pretrain.epochs": 2,
                                     "trial.prune_stage.epochs": 1, "trial.finetune.epochs": 1,
                                     "trial.eval.points": 200, "trial.eval.val_points": 100})
-    t0 = time.perf_counter()
     outcome = runner.run_study(space, runs_dir=tmp_path / "runs")
     assert outcome.status == "complete" and outcome.complete + outcome.failed == 3
-    assert time.perf_counter() - t0 < 120
     study = _optuna(tmp_path)
     assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.FAIL}
     best = study.best_trials[0]
     out = tmp_path / "runs" / "quickstart" / "trials" / f"{best.number:04d}"
     assert (out / "model.pt").is_file() and (out / "result.json").is_file()
     assert 0 < best.user_attrs["params_kept"] < best.user_attrs["params_total"]
+    # the nested MLflow run carries the exported model and the node that ran the trial
+    client, parent, children = _mlflow(tmp_path)
+    run = next(r for r in children if r.data.tags.get("optuna_trial_number") == str(best.number))
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/result.json"}
+    assert run.data.tags.get("ray_node_id")
