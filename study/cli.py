@@ -70,12 +70,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from study.robustness.cli import cmd_evaluate as run
-
-    return run(args)
-
-
 def _add_trial_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a trial config or search-space YAML file (its trial: section is used)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -96,19 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trial_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    try:
-        from study import runner
-    except ImportError:  # the study runner is optional at import time for the core commands
-        runner = None
-    if runner is not None:
-        runner.add_commands(sub)
+    from study import runner
+    from study.robustness import cli as robustness_cli
 
-    try:
-        from study.robustness import cli as robustness_cli
-    except ImportError:
-        robustness_cli = None
-    if robustness_cli is not None:
-        robustness_cli.add_command(sub)
+    runner.add_commands(sub)  # run, resume, report
+    robustness_cli.add_command(sub)  # evaluate
     return parser
 
 
