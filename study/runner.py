@@ -466,6 +466,10 @@ class Study:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         # A checkpoint per epoch is the point (resume); Tune's warning about frequent snapshots is noise.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Snapshot the experiment state at every controller step and keep two checkpoints per trial: Tune
+        # deletes the older checkpoint when a new one registers, and a driver killed before the next
+        # (throttled) snapshot left a state pointing at a deleted checkpoint ("does not exist on storage").
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
         trainable = self.trainable(cpus, gpus)
         if resume and tune.Tuner.can_restore(str(self.paths.experiment)):
             print(f"[study] restoring the Tune experiment {self.paths.experiment}", flush=True)
@@ -484,7 +488,7 @@ class Study:
             run_config=tune.RunConfig(
                 name=s.name, storage_path=str(self.paths.tune_dir),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[self.callback(tracker)]),
         )
 
