@@ -336,7 +336,7 @@ def _parse_param(key: Any, spec: Any, trial: Mapping[str, Any], base: TrialConfi
     kind = kinds[0]
     when = _parse_when(spec.get("when"), k)
     if not when and _has_key(trial, key):
-        raise ConfigError(k, f"is both fixed in trial: and searched; remove one (a fixed value only makes sense as the fallback of a `when:` parameter)")
+        raise ConfigError(k, "is both fixed in trial: and searched; remove one (a fixed value only makes sense as the fallback of a `when:` parameter)")
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise ConfigError(k + ".log", f"expected true or false, got {log!r}")

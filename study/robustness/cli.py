@@ -112,7 +112,7 @@ def _artifacts(client, run_id: str, path: str | None = None, depth: int = 3) -> 
 def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Target:
     from mlflow.exceptions import MlflowException
 
-    from study.config import flatten, trial_from_dict, unflatten
+    from study.config import trial_from_dict, unflatten
 
     client = _client(tracking_uri)
     try:
@@ -162,20 +162,18 @@ def load_model(target: Target, info, device):
     """The trial's architecture with the exported (hard-zero) weights, in eval mode."""
     import torch
 
-    from study.models import create_model
+    from study import robust_eval
 
     cfg = target.config
-    model = create_model(cfg.model.arch, info, width=cfg.model.width)
     state = torch.load(target.model_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     try:
-        model.load_state_dict(state)
+        return robust_eval.load_model(cfg, state, info, device)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise _user_error(f"{target.model_path}: does not load into {cfg.model.arch} (width {cfg.model.width}) "
                           f"for {cfg.data.name}: {first[1].strip() if len(first) > 1 else first[0]}") from None
-    return model.to(device).eval()
 
 
 def zero_share(model) -> float:
