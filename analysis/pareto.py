@@ -13,8 +13,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-# Columns of the table, in order; the objectives and the searched params are added where missing.
-BASE_COLUMNS = ("trial", "params_kept", "compression", "clean_acc", "robust_acc")
+# Columns of the table, in order; the objectives and the searched params are added where missing. The val_*
+# figures come from the trials (selection); the test_* ones from the front's confirmation (study.confirm),
+# added by the runner from trials/<n>/confirm.json: they never pass through Optuna.
+BASE_COLUMNS = ("trial", "params_kept", "compression", "val_clean_acc", "val_robust_acc", "test_clean_acc",
+                "test_robust_acc")
 
 
 def to_minimization(values: Any, modes: Sequence[str]) -> np.ndarray:
@@ -116,7 +119,7 @@ def columns_of(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     for row in rows:
         cols += [k for k in row if k not in cols]
     front = [c for c in BASE_COLUMNS if c in cols]
-    tail = [c for c in ("params", "mlflow_run_id") if c in cols]
+    tail = [c for c in ("params", "test_attack", "mlflow_run_id") if c in cols]
     return front + [c for c in cols if c not in front and c not in tail] + tail
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from study.config import AttackConfig
 from study.registry import Registry
 
-# eps as a fraction of the target, given progress t in [0, 1] through a stage and a warm-up fraction w.
+# eps as a fraction of the target, given progress t in [0, 1] through a stage (its optimizer steps) and a
+# warm-up fraction w of those steps.
 EpsSchedule = Callable[[float, float], float]
 EPS_SCHEDULES: Registry[EpsSchedule] = Registry("eps schedule")
 
@@ -56,11 +57,32 @@ class AttackStrength:
     step_size: float
 
 
-def strength_at(cfg: AttackConfig, progress: float) -> AttackStrength:
-    """The attack strength at `progress` in [0, 1] through a stage (evaluated once per epoch)."""
-    frac = EPS_SCHEDULES.get(cfg.schedule)(min(max(progress, 0.0), 1.0), cfg.warmup_fraction)
+def relative_step_size(cfg: AttackConfig) -> float:
+    """PGD step size relative to eps: the configured value, or 0 = auto = 2.5 / steps (Madry/HYDRA travel:
+    10 steps of 0.25 eps, 2.5 eps in all). With steps = 1 auto is 2.5 eps, clipped to the ball: FGSM-like."""
+    return cfg.step_size if cfg.step_size > 0 else 2.5 / cfg.steps
+
+
+def strength_at(cfg: AttackConfig, progress: float, *, warmup: bool = True) -> AttackStrength:
+    """The attack strength at `progress` in [0, 1] through a stage; `warmup=False` gives the target eps."""
+    frac = EPS_SCHEDULES.get(cfg.schedule)(min(max(progress, 0.0), 1.0), cfg.warmup_fraction) if warmup else 1.0
     eps = min(1.0, cfg.eps * cfg.eps_multiplier * frac)
-    return AttackStrength(eps=eps, steps=cfg.steps, step_size=cfg.step_size * eps)
+    return AttackStrength(eps=eps, steps=cfg.steps, step_size=relative_step_size(cfg) * eps)
+
+
+def stage_schedule(cfg: AttackConfig, total_steps: int, *, warmup: bool = True) -> Callable[[int], AttackStrength]:
+    """The attack strength of optimizer step `step` (0-based, counted over the whole stage).
+
+    eps advances per optimizer step, not per epoch: progress = (step + 1) / total_steps, so the warm-up
+    spans `warmup_fraction` of the stage's steps and even the first step of a warming-up stage trains at a
+    non-zero eps (the value the schedule reaches at the end of that step); the last step is at the target.
+    Pure host arithmetic on Python ints: no device sync, and a resumed stage sees exactly the same values.
+    """
+    total = max(1, total_steps)
+    if not warmup:
+        fixed = strength_at(cfg, 1.0, warmup=False)
+        return lambda step: fixed
+    return lambda step: strength_at(cfg, (step + 1) / total)
 
 
 def pgd_linf(

@@ -39,6 +39,9 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
+    """One chosen model: train it, print its validation figures, then (once) its TEST figures."""
+    from study import robust_eval
+    from study.evaluation import step_text
     from study.pipeline import run_trial
 
     cfg = _trial_config(args)
@@ -46,12 +49,14 @@ def cmd_trial(args: argparse.Namespace) -> int:
     result = run_trial(cfg)
     result.save(out)
     m = result.metrics
+    e = cfg.eval
     print(f"\ntrial {cfg.name}: {cfg.data.name} / {cfg.model.arch} / {cfg.prune.method} "
           f"keep {cfg.prune.keep_fraction:g} ({cfg.prune.scope}, {cfg.prune.score_init})")
     _print_table([
-        ("clean accuracy (test)", f"{m['clean_acc']:.4f}"),
-        (f"robust accuracy (test, PGD-{cfg.eval.steps} Linf eps {cfg.eval_eps:.4g})", f"{m['robust_acc']:.4f}"),
-        ("val clean / robust", f"{m['val_clean_acc']:.4f} / {m['val_robust_acc']:.4f}"),
+        ("val clean accuracy", f"{m['val_clean_acc']:.4f}"),
+        (f"val robust accuracy (PGD-{e.steps} x{e.restarts}, step {step_text(e.step_size, e.steps)}, "
+         f"Linf eps {cfg.eval_eps:.4g})", f"{m['val_robust_acc']:.4f}"),
+        ("validation points", f"{int(m['val_points'])}"),
         ("parameters kept / total", f"{int(m['params_kept'])} / {int(m['params_total'])}"),
         ("sparsity of prunable weights", f"{m['sparsity']:.4f}"),
         ("compression ratio", f"{m['compression']:.2f}x"),
@@ -59,6 +64,24 @@ def cmd_trial(args: argparse.Namespace) -> int:
         ("wall time", f"{m['wall_s']:.1f} s"),
         ("result", str(out / "result.json")),
     ])
+    if args.no_test:
+        return 0
+    # The test split, for this one chosen model: the trial's eval budget (its strong PGD), AutoAttack on request.
+    settings = robust_eval.ConfirmSettings(points=e.points, steps=e.steps, restarts=e.restarts, step_size=e.step_size,
+                                           autoattack=args.autoattack, seed=e.seed)
+    payload = robust_eval.confirm(cfg, result.model_state, settings)
+    path = robust_eval.save_confirm(out, payload)
+    t = payload["metrics"]
+    print(f"\nTEST figures of this model (test split; report these, not the val_* ones):\n  attack: {payload['test_attack']}")
+    rows = [("test clean accuracy", f"{t['test_clean_acc']:.4f}"), ("test PGD accuracy", f"{t['test_pgd_acc']:.4f}")]
+    if "test_autoattack_acc" in t:
+        rows.append(("test AutoAttack accuracy", f"{t['test_autoattack_acc']:.4f}"))
+    rows += [("test robust accuracy" + (" (per-point worst case)" if "test_autoattack_acc" in t else ""),
+              f"{t['test_robust_acc']:.4f}"),
+             ("test points", f"{int(t['test_points'])}"), ("saved", str(path))]
+    _print_table(rows)
+    if not args.autoattack:
+        print("  (a PGD figure only: --autoattack adds standard AutoAttack, the figure to compare with papers)")
     return 0
 
 
@@ -84,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trial", help="run one trial: pretrain (cached) -> prune -> finetune -> evaluate")
     _add_trial_args(p)
     p.add_argument("--output", help="folder for result.json and model.pt (default: output_dir/name)")
+    p.add_argument("--autoattack", action="store_true",
+                   help="add standard AutoAttack to the test figures (test robust = per-point worst case; slow on CPU)")
+    p.add_argument("--no-test", action="store_true", help="print the validation figures only (no test-split evaluation)")
     p.set_defaults(func=cmd_trial)
 
     p = sub.add_parser("pretrain", help="pre-train (or find in the cache) the dense robust model")

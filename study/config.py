@@ -65,10 +65,22 @@ class AttackConfig:
     eps: float = field(default=0.1, metadata=_range(0.0, 1.0))  # target Linf radius, [0, 1] pixel units
     eps_multiplier: float = field(default=1.0, metadata=_range(0.0, 4.0, lo_open=True))  # train eps = eps * this
     steps: int = field(default=10, metadata=_range(1, 1000))  # PGD steps of the training attack
-    step_size: float = field(default=0.25, metadata=_range(0.0, 4.0, lo_open=True))  # per step, relative to eps
-    schedule: str = "constant"  # a name in study.attacks.EPS_SCHEDULES: eps over a stage's epochs
-    warmup_fraction: float = field(default=0.0, metadata=_range(0.0, 1.0))  # of a stage's epochs
+    # Per PGD step, relative to eps. 0 = auto = 2.5 / steps (Madry/HYDRA: 10 steps of 0.25 eps). An explicit
+    # value must let the attack reach the boundary: steps * step_size >= 1. (fgsm_rs always steps 1.25 eps.)
+    step_size: float = field(default=0.0, metadata=_range(0.0, 4.0))
+    schedule: str = "constant"  # a name in study.attacks.EPS_SCHEDULES: eps over a stage's optimizer steps
+    warmup_fraction: float = field(default=0.0, metadata=_range(0.0, 1.0))  # of a stage's optimizer steps
     trades_beta: float = field(default=6.0, metadata=_range(0.0))
+    # Whether the fine-tune stage warms eps up again per `schedule`. No by default: fine-tuning starts from a
+    # robust model, so it trains at the target eps from its first step (the prune stage always warms up).
+    finetune_warmup: bool = False
+
+    def __post_init__(self) -> None:
+        if self.step_size > 0 and self.steps * self.step_size < 1.0 - 1e-9:
+            travel = self.steps * self.step_size
+            raise ConfigError("step_size", f"{self.step_size!r} x {self.steps} steps = {travel:.3g} eps of travel "
+                              "cannot reach the eps-ball boundary; need steps * step_size >= 1 (or 0 = auto, "
+                              "2.5 / steps)")
 
 
 @dataclass(frozen=True)
@@ -87,18 +99,26 @@ class PruneConfig:
     keep_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))  # 0.1 = 90% pruned
     scope: str = field(default="layer", metadata=_choices("layer", "global"))
     score_init: str = "ssi"  # a name in study.pruning.SCORE_INITS
-    train_bn: bool = False  # let BatchNorm affine parameters train with the scores in the prune stage
+    # BatchNorm affine parameters train with the scores in the prune stage (HYDRA's default; false = its
+    # --freeze-bn). Conv/linear weights and biases never train in the prune stage.
+    train_bn: bool = True
 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """The trial's PGD-Linf evaluation on the VALIDATION split (model selection never sees test).
+
+    End of a trial: `steps` x `restarts` (per-point worst case) on `points`; every epoch: `val_steps` x 1 on
+    `val_points`. The step is relative to eps; 0 = auto = 2.5 / steps (study.evaluation.relative_step).
+    The test split is evaluated only for chosen models (study.confirm, `study trial`)."""
+
     eps: float = field(default=-1.0, metadata=_range(-1.0, 1.0))  # -1 = attack.eps
     steps: int = field(default=20, metadata=_range(1))
-    restarts: int = field(default=1, metadata=_range(1))
-    step_size: float = field(default=0.1, metadata=_range(0.0, 4.0, lo_open=True))  # relative to eps
+    restarts: int = field(default=3, metadata=_range(1))
+    step_size: float = field(default=0.0, metadata=_range(0.0, 4.0))  # relative to eps; 0 = auto (2.5 / steps)
     points: int = field(default=0, metadata=_range(0))  # 0 = the whole split
     val_points: int = field(default=512, metadata=_range(0))  # per-epoch validation budget; 0 = whole split
-    val_steps: int = field(default=10, metadata=_range(1))
+    val_steps: int = field(default=10, metadata=_range(1))  # per-epoch PGD steps (step: step_size, or 2.5 / val_steps)
     seed: int = 0
 
 
@@ -270,7 +290,10 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             _check(cls, fields[name], coerced, prefix + name)
         kwargs[name] = coerced
     # Defaults of registry-backed fields are checked too, so a bad default can never hide.
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a cross-field check in __post_init__ names its key relative to the section
+        raise ConfigError(prefix + e.key, e.message) from None
 
 
 def parse_value(text: str) -> Any:

@@ -1,6 +1,7 @@
-"""The one train loop. Natural, PGD-AT, TRADES and FGSM-RS are losses handed to it; the attack strength
-is computed by the caller once per epoch; what happens after an optimizer step (HYDRA's mask refresh) is a
-hook. Metrics accumulate on the device and are read once per epoch: no host sync in the inner loop.
+"""The one train loop. Natural, PGD-AT, TRADES and FGSM-RS are losses handed to it; the attack strength is
+a function of the optimizer step within the stage (eps schedules advance per step); what happens after an
+optimizer step (HYDRA's mask refresh) is a hook. Metrics accumulate on the device and are read once per
+epoch: no host sync in the inner loop.
 """
 from __future__ import annotations
 
@@ -76,20 +77,32 @@ def train_epoch(
     loss_fn: Loss,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    strength: AttackStrength,
+    strength: AttackStrength | Callable[[int], AttackStrength],
     runtime: Runtime,
     generator: torch.Generator | None = None,
     after_step: Callable[[], None] | None = None,
+    *,
+    first_step: int = 0,
 ) -> dict[str, float]:
-    """One epoch of robust training; returns mean loss and accuracy (on the examples trained on)."""
+    """One epoch of robust training; returns mean loss and accuracy (on the examples trained on).
+
+    `strength` is either fixed or a function of the optimizer step within the stage (0-based); this
+    epoch's first batch is step `first_step`, so a stage passes `(epoch - 1) * steps_per_epoch` and a resumed
+    stage continues the schedule exactly. The reported `eps` is the one of the epoch's LAST step (the
+    schedule's value at the end of the epoch; mid warm-up the epoch trained at eps up to that value).
+    """
+    schedule = strength if callable(strength) else (lambda step, fixed=strength: fixed)
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     seen = 0
+    step = first_step
+    current = schedule(step)
     for x, y in batches:
+        current = schedule(step)  # host arithmetic only: no sync
         x = runtime.prepare(x)
         with runtime.autocast():
-            loss, logits = loss_fn(model, x, y, strength, generator)
+            loss, logits = loss_fn(model, x, y, current, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,8 +112,9 @@ def train_epoch(
         loss_sum += loss.detach().float() * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.numel()
+        step += 1
     mean_loss = (loss_sum / max(seen, 1)).item()
     if not math.isfinite(mean_loss):
-        raise TrialFailed(f"training loss is {mean_loss} (eps {strength.eps:.4g}, lr {scheduler.get_last_lr()[0]:.3g})")
+        raise TrialFailed(f"training loss is {mean_loss} (eps {current.eps:.4g}, lr {scheduler.get_last_lr()[0]:.3g})")
     return {"train_loss": mean_loss, "train_acc": correct.item() / max(seen, 1), "lr": scheduler.get_last_lr()[0],
-            "eps": strength.eps}
+            "eps": current.eps}

@@ -59,7 +59,7 @@ def pgd_at(**_: float) -> Loss:
 
 @LOSSES.register("trades")
 def trades(beta: float = 6.0, **_: float) -> Loss:
-    """Zhang et al. 2019: CE(clean) + beta * KL(f(x_adv) || f(x)); the attack maximises the KL term."""
+    """Zhang et al. 2019: CE(f(x), y) + beta * KL(p(x) || p(x_adv)); the attack maximises that KL term."""
 
     def loss(model, x, y, strength, generator):
         with frozen_bn_stats(model):

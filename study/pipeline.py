@@ -5,7 +5,8 @@
 2. Prune: HYDRA trains importance scores (weights frozen) under the robust loss; LWM and random set the
    mask without training.
 3. Fine-tune: the mask is fixed (hard zeros), weights train under the robust loss.
-4. Evaluate: clean and PGD robust accuracy on the test split (validation figures select nothing).
+4. Evaluate: clean and PGD robust accuracy on the VALIDATION split with the eval budget (the trial's
+   figures select models; the test split is evaluated only for chosen models, see study.confirm).
 Every epoch of stages 2-3 is handed to `on_epoch` with a resume state; `resume_state` continues from it.
 """
 from __future__ import annotations
@@ -24,11 +25,11 @@ import torch
 from torch import nn
 
 from study import pruning
-from study.attacks import strength_at
+from study.attacks import stage_schedule, strength_at
 from study.config import AttackConfig, StageConfig, TrialConfig
 from study.data import Splits, batches, load_dataset
 from study.engine import Runtime, TrialFailed, make_optimizer, make_scheduler, resolve_runtime, train_epoch
-from study.evaluation import evaluate
+from study.evaluation import evaluate, relative_step
 from study.losses import make_loss
 from study.models import create_model
 
@@ -100,13 +101,20 @@ def _train_stage(
     after_step: Callable[[], None] | None = None,
     on_epoch: Callable[[str, int, dict[str, float], Callable[[], dict]], None] | None = None,
     resume: dict[str, Any] | None = None,
+    warmup: bool = True,
 ) -> list[dict[str, float]]:
-    """Train `model`'s trainable parameters for one stage; per-epoch validation under the eval attack."""
+    """Train `model`'s trainable parameters for one stage; per-epoch validation under the eval attack.
+
+    The attack's eps follows `attack.schedule` per optimizer step over the stage's steps (`warmup=False`:
+    the target eps from the first step). The step index is (epoch - 1) * steps_per_epoch + batch, so a
+    resumed stage continues the schedule exactly.
+    """
     cfg, sp = ctx.cfg, ctx.splits
     steps_per_epoch = math.ceil(len(sp.x_train) / cfg.data.batch_size)
     optimizer = make_optimizer(model.parameters(), stage)
     scheduler = make_scheduler(optimizer, stage, steps_per_epoch)
     loss_fn = make_loss(attack.loss, attack.trades_beta)
+    schedule = stage_schedule(attack, stage.epochs * steps_per_epoch, warmup=warmup)
     first = 1
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -118,11 +126,10 @@ def _train_stage(
     history = []
     for epoch in range(first, stage.epochs + 1):
         t0 = time.perf_counter()
-        strength = strength_at(attack, (epoch - 1) / max(stage.epochs, 1))
         data = batches(sp.x_train, sp.y_train, cfg.data.batch_size, shuffle=True, generator=ctx.generator,
                        augment=cfg.data.augment and sp.info.augment)
-        metrics = train_epoch(fast, data, loss_fn, optimizer, scheduler, strength, ctx.runtime, ctx.generator,
-                              after_step)
+        metrics = train_epoch(fast, data, loss_fn, optimizer, scheduler, schedule, ctx.runtime, ctx.generator,
+                              after_step, first_step=(epoch - 1) * steps_per_epoch)
         val = evaluate(model, sp.x_val, sp.y_val, eps=cfg.eval_eps, steps=cfg.eval.val_steps,
                        step_size=cfg.eval.step_size, points=cfg.eval.val_points, seed=cfg.eval.seed,
                        batch_size=cfg.data.eval_batch_size)
@@ -130,7 +137,7 @@ def _train_stage(
         history.append(metrics)
         log.info("[%s %d/%d] loss %.4f acc %.3f | val clean %.3f robust %.3f | eps %.4f lr %.3g | %.1fs",
                  name, epoch, stage.epochs, metrics["train_loss"], metrics["train_acc"], val.clean, val.robust,
-                 strength.eps, metrics["lr"], metrics["epoch_s"])
+                 metrics["eps"], metrics["lr"], metrics["epoch_s"])
 
         def state(epoch: int = epoch) -> dict[str, Any]:
             return {"stage": name, "epoch": epoch, "model": model.state_dict(),
@@ -258,21 +265,20 @@ def run_trial(
             model.load_state_dict(resume_state["model"])
         pruning.set_mode(model, "fixed")
         _set_trainable(model, weights=True, scores=False, bn=True)
+        # Fine-tuning starts from a robust model: the target eps from its first step unless asked otherwise.
         _train_stage(ctx, model, "finetune", cfg.finetune, cfg.attack, on_epoch=report,
-                     resume=resume_state if resume_stage == "finetune" else None)
+                     resume=resume_state if resume_stage == "finetune" else None, warmup=cfg.attack.finetune_warmup)
 
+    # Validation only: the trial's figures select models, so the test split is never touched here (the
+    # chosen models are confirmed on test afterwards: study.confirm, `study trial`).
     sp = ctx.splits
-    test = evaluate(model, sp.x_test, sp.y_test, eps=cfg.eval_eps, steps=cfg.eval.steps,
-                    step_size=cfg.eval.step_size, restarts=cfg.eval.restarts, points=cfg.eval.points,
-                    seed=cfg.eval.seed, batch_size=cfg.data.eval_batch_size)
     val = evaluate(model, sp.x_val, sp.y_val, eps=cfg.eval_eps, steps=cfg.eval.steps,
-                   step_size=cfg.eval.step_size, restarts=cfg.eval.restarts, points=cfg.eval.points,
-                   seed=cfg.eval.seed, batch_size=cfg.data.eval_batch_size)
+                   step_size=relative_step(cfg.eval.step_size, cfg.eval.steps), restarts=cfg.eval.restarts,
+                   points=cfg.eval.points, seed=cfg.eval.seed, batch_size=cfg.data.eval_batch_size)
     state = pruning.export_state_dict(model)
     size = pruning.size_report(state, pruning.prunable_weight_names(model))
-    metrics = {"clean_acc": test.clean, "robust_acc": test.robust, "val_clean_acc": val.clean,
-               "val_robust_acc": val.robust, "eval_eps": cfg.eval_eps, "eval_points": float(test.points),
-               **size.as_metrics(), "wall_s": time.perf_counter() - t0}
+    metrics = {"val_clean_acc": val.clean, "val_robust_acc": val.robust, "eval_eps": cfg.eval_eps,
+               "val_points": float(val.points), **size.as_metrics(), "wall_s": time.perf_counter() - t0}
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise TrialFailed(f"non-finite final metrics: {', '.join(bad)}")

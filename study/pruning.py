@@ -1,9 +1,10 @@
 """Masked layers, importance-score inits, top-k masks (per layer or global), export and size figures.
 
 HYDRA (Sehwag et al. 2020): every conv and linear layer gets a score tensor shaped like its weight; the
-forward pass uses `weight * mask(scores)` where the mask keeps the top-k |scores|, with a straight-through
-gradient to the scores. Masks change only when scores change, so they are computed once per optimizer
-step (`refresh_masks`), never once per attack iteration. With a fixed mask (fine-tuning, LWM, random)
+forward pass uses `weight * mask(|scores|)` where the mask keeps the top-k |scores|, with a straight-through
+(identity) gradient through the top-k onto |scores|, hence d/dscores = sign(scores) * weight * upstream.
+Masks change only when scores change, so they are computed once per optimizer step (`refresh_masks`),
+never once per attack iteration. With a fixed mask (fine-tuning, LWM, random)
 the mask is baked into the weights as hard zeros and a gradient hook keeps them zero, so the layer costs
 what a dense layer costs.
 """
@@ -45,9 +46,11 @@ class MaskedMixin:
         # attack steps differentiate w.r.t. the input only, so they never traverse (or free) this graph.
         grad = torch.is_grad_enabled()
         if self._cache is None or self._cache[0] != grad:
-            # Straight-through: value weight * mask; d/dscores = weight * upstream (HYDRA's GetSubnet).
-            s = self.scores
-            self._cache = (grad, self.weight * (self.mask + (s - s.detach())))
+            # HYDRA's `weight * GetSubnet.apply(scores.abs(), k)`: value weight * mask, identity backward
+            # through the top-k onto |scores|, so d/dscores = sign(scores) * weight * upstream (sign(0) = 0,
+            # as in torch's abs backward). The sign matters: ssi scores are signed.
+            a = self.scores.abs()
+            self._cache = (grad, self.weight * (self.mask + (a - a.detach())))
         return self._cache[1]
 
     def invalidate(self) -> None:
@@ -255,11 +258,19 @@ class SizeReport:
         return {k: float(v) for k, v in self.__dict__.items()}
 
 
+PARAMETER_LEAVES = ("weight", "bias")  # every parameter of every arch (conv, linear, BatchNorm affine)
+
+
 def size_report(state: dict[str, torch.Tensor], prunable: set[str]) -> SizeReport:
-    """Size figures counted from exported weights (zeros in the tensors, not a configured rate)."""
+    """Size figures counted from exported weights (zeros in the tensors, not a configured rate).
+
+    Only parameters count: the `weight`/`bias` entries (conv, linear, BatchNorm affine; tests/test_models
+    checks no arch owns any other kind). Buffers do not: BatchNorm's running_mean/running_var/
+    num_batches_tracked and the input Normalize layer's mean/std are statistics and constants.
+    """
     total = kept = p_total = p_kept = mask_bits = 0
     for name, t in state.items():
-        if not t.is_floating_point() or name.endswith(("running_mean", "running_var")):
+        if name.rpartition(".")[2] not in PARAMETER_LEAVES or not t.is_floating_point():
             continue
         n = t.numel()
         total += n

@@ -1,13 +1,21 @@
-"""Robustness objectives of a study: the `study.robustness` section, suite metrics as objectives, and the
-two evaluations built on `study.robustness.evaluate_robustness`:
+"""The test-split evaluation of the models a study chose, and robustness objectives of a study.
 
-- search (per trial, cheap `search_budget`, on the VALIDATION split: model selection never sees test);
-  its flat metrics (`robust.linf.0.1`, `auc.l2`, `scenario.linf.0.1.r0.5`, ...) join the trial's final
-  metrics, so an objective may name one;
-- final (once per Pareto-front trial, full `final_budget`, on the TEST split, optionally with standard
-  AutoAttack); logged with a `final.` prefix.
+Model selection sees validation data only; the TEST split is evaluated once per Pareto-front trial, after
+the search (study.runner.Study.final_evaluation), in up to two parts:
+
+- the confirmation (`study.confirm`, always): clean accuracy, strong PGD-Linf (default 50 steps of
+  2.5*eps/50, 3 restarts, per-point worst case) and standard AutoAttack at the trial's eval eps;
+  `test_robust_acc` is the per-point worst case over both. Saved as trials/<n>/confirm.json, logged as
+  `test_*` metrics and the tag `test_attack` (attack and budget in words);
+- the robustness suite's final part (`study.robustness.final_budget`, only with that section), logged with
+  the `test.` prefix (`test.robust.linf.0.1`, `test.autoattack.linf.0.1`, ...).
+
+The suite's search part runs per trial with the cheap `search_budget` on the VALIDATION split; its flat
+metrics (`robust.linf.0.1`, `auc.l2`, `scenario.linf.0.1.r0.5`, ...) join the trial's final metrics, so
+an objective may name one.
 
     study:
+      confirm: {points: 0, steps: 50, restarts: 3, autoattack: true}   # the defaults (points 0 = all of test)
       objectives:
         - {metric: params_kept, mode: min}
         - {metric: robust.l2.1.0, mode: max}          # canonical name: robust.l2.1
@@ -39,8 +47,11 @@ SUITE_FAMILIES = ("robust.<threat>.<eps>", "robust_nested.<threat>.<eps>", "auc.
                   "scenario.<threat>.<eps>.r<r>")
 # Suite metric names that collide with the pipeline's final metrics: the pipeline's figure is kept.
 SHADOWED = ("clean_acc",)
-FINAL_PREFIX = "final."
+FINAL_PREFIX = "test."  # the suite's final (test split) metrics; was `final.`
 FINAL_FILE = "robustness_final.json"
+CONFIRM_FILE = "confirm.json"
+# The confirmation's figures (study.confirm), in column order; `test_attack` names attack and budget.
+TEST_METRICS = ("test_clean_acc", "test_robust_acc", "test_pgd_acc", "test_autoattack_acc", "test_points")
 
 
 def fmt(v: float) -> str:
@@ -68,6 +79,35 @@ class Budget:
 
 SEARCH_DEFAULT = Budget(points=128, steps=10, restarts=1, square_queries=200)
 FINAL_DEFAULT = Budget()
+
+
+@dataclass(frozen=True)
+class ConfirmSettings:
+    """`study.confirm`: the test-split confirmation of every Pareto-front trial (on by default; the
+    runner's --no-final-eval skips it, `study resume` runs it later)."""
+
+    points: int = 0  # test points (a seeded subset); 0 = the whole test split
+    steps: int = 50  # PGD-Linf steps
+    restarts: int = 3  # random restarts; a point counts as robust only if it survives all (per-point worst case)
+    step_size: float = 0.0  # relative to eps; 0 = auto = 2.5 / steps
+    autoattack: bool = True  # standard AutoAttack (pyautoattack) beside PGD
+    seed: int = 0  # points, random starts, AutoAttack
+
+    def attack_text(self, eps: float | None = None, points: int | None = None) -> str:
+        """`test_attack`: e.g. "PGD-50 x3 restarts (step 2.5*eps/50) + standard AutoAttack, Linf eps 0.1,
+        360 test points" (`points`: the number evaluated; eps None: the trial's eval eps)."""
+        from study.evaluation import step_text
+
+        whole = " (the whole test split)" if self.points <= 0 else ""
+        where = f"{points} test points{whole}" if points is not None else (
+            f"{self.points} test points" if self.points > 0 else "the whole test split")
+        aa = " + standard AutoAttack" if self.autoattack else " (no AutoAttack)"
+        return (f"PGD-{self.steps} x{self.restarts} restarts (step {step_text(self.step_size, self.steps)}){aa}, "
+                f"Linf eps {'of the trial' if eps is None else f'{eps:g}'}, {where}")
+
+
+CONFIRM_DEFAULT = ConfirmSettings()
+CONFIRM_KEYS = tuple(f.name for f in dataclasses.fields(ConfirmSettings))
 
 
 @dataclass(frozen=True)
@@ -285,36 +325,50 @@ def final_metrics(report: Any) -> dict[str, float]:
 
 
 def front_columns(final: Mapping[str, float], objectives: Sequence[str]) -> dict[str, float]:
-    """The final metrics worth a column of the Pareto table/CSV: clean, robust per eps, AUC, AutoAttack,
-    the objectives' own final figures, suspect."""
-    keep = ("final.clean_acc", "final.suspect")
+    """The suite's test metrics worth a column of the Pareto table/CSV: clean, robust per eps, AUC,
+    AutoAttack, the objectives' own test figures, suspect."""
+    p = FINAL_PREFIX
+    keep = (f"{p}clean_acc", f"{p}suspect")
     out = {k: v for k, v in final.items()
-           if k in keep or k.startswith(("final.robust.", "final.auc.", "final.autoattack."))
-           or k[len(FINAL_PREFIX):] in objectives}
-    return dict(sorted(out.items(), key=lambda kv: (kv[0] == "final.suspect", kv[0])))
+           if k in keep or k.startswith((f"{p}robust.", f"{p}auc.", f"{p}autoattack."))
+           or k[len(p):] in objectives}
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] == f"{p}suspect", kv[0])))
 
 
 def terminal_column(key: str, objectives: Sequence[str], row: Mapping[str, Any] = {}) -> bool:
-    """The final columns printed in the terminal table (the CSV has them all): the objectives' own final
-    figures, AutoAttack and the PGD figure beside it, suspect."""
-    name = key[len(FINAL_PREFIX):]
-    return (not key.startswith(FINAL_PREFIX) or key == "final.suspect" or name.startswith("autoattack.")
-            or name in objectives or (name.startswith("robust.") and f"final.autoattack.{name[7:]}" in row))
+    """The test columns printed in the terminal table (the CSV has them all): the confirmation's clean and
+    robust figures (its attack is named in a line above the table), the suite's test figures of the
+    objectives, AutoAttack and the PGD figure beside it, suspect."""
+    p = FINAL_PREFIX
+    if key.startswith("test_"):
+        return key in ("test_clean_acc", "test_robust_acc")
+    name = key[len(p):]
+    return (not key.startswith(p) or key == f"{p}suspect" or name.startswith("autoattack.")
+            or name in objectives or (name.startswith("robust.") and f"{p}autoattack.{name[7:]}" in row))
 
 
 def save_final(directory: str | Path, report: Any, budget: Budget) -> Path:
     path = Path(directory) / FINAL_FILE
     payload = {"budget": dataclasses.asdict(budget), "report": report.to_dict(), "metrics": final_metrics(report),
                "failed_checks": [c.name for c in report.checks if not c.passed]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    return path
+    return _write_json(path, payload)
 
 
 def load_final(directory: str | Path, budget: Budget | None = None) -> dict | None:
     """A trial's saved final evaluation (None if absent, or run with another budget than `budget`)."""
-    path = Path(directory) / FINAL_FILE
+    return _read_json(Path(directory) / FINAL_FILE, budget)
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(payload), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def _read_json(path: Path, budget: Any = None) -> dict | None:
+    """A saved evaluation, or None if absent, unreadable, or made with another budget than `budget`."""
     if not path.is_file():
         return None
     try:
@@ -326,14 +380,91 @@ def load_final(directory: str | Path, budget: Budget | None = None) -> dict | No
     return payload
 
 
-def final_task(cfg: Any, model_path: str, settings: RobustnessSettings, threads: int = 1) -> Any:
-    """Body of the Ray task that runs the final evaluation of one front trial (on a trial's resources)."""
+def evaluate_on_test(cfg: Any, model_path: str, confirm_settings: ConfirmSettings | None,
+              suite: RobustnessSettings | None, threads: int = 1) -> tuple[dict | None, Any]:
+    """Body of the Ray task that evaluates one front trial on the TEST split (on a trial's resources): the
+    confirmation (None: skipped) and the suite's final part (None: skipped). Returns (payload, report)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
+    from study.data import load_dataset
+
     torch.set_num_threads(max(1, int(threads)))
     state = torch.load(model_path, map_location="cpu", weights_only=True)
-    return evaluate(cfg, state, settings, final=True)
+    device = _device(cfg)
+    sp = load_dataset(cfg.data, device)
+    payload = confirm(cfg, state, confirm_settings, device=device, splits=sp) if confirm_settings else None
+    report = evaluate(cfg, state, suite, final=True, device=device, splits=sp) if suite is not None else None
+    return payload, report
+
+
+def _device(cfg: Any) -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The confirmation (study.confirm): clean, strong PGD and standard AutoAttack on the test split.
+
+
+def confirm(cfg: Any, model_state: Mapping[str, Any], settings: ConfirmSettings = CONFIRM_DEFAULT, *,
+            device: Any = None, splits: Any = None) -> dict[str, Any]:
+    """The chosen model's test figures at the trial's eval eps (Linf). Per point: clean, PGD (correct under
+    every restart), AutoAttack; `test_robust_acc` = correct under both, so it is never above either.
+    Returns the payload saved as confirm.json: budget, eps, test_attack, metrics, AutoAttack's warnings."""
+    import time
+
+    from study.data import load_dataset
+    from study.evaluation import pgd_flags, subset
+
+    device = device if device is not None else _device(cfg)
+    sp = splits if splits is not None else load_dataset(cfg.data, device)
+    model = load_model(cfg, model_state, sp.info, device)
+    x, y = subset(sp.x_test, sp.y_test, settings.points, settings.seed)
+    eps, n = cfg.eval_eps, len(x)
+    t0 = time.perf_counter()
+    clean, robust = pgd_flags(model, x, y, eps=eps, steps=settings.steps, step_size=settings.step_size,
+                              restarts=settings.restarts, seed=settings.seed, batch_size=cfg.data.eval_batch_size)
+    wall = {"pgd": time.perf_counter() - t0}
+    metrics = {"test_clean_acc": _mean(clean), "test_pgd_acc": _mean(robust)}
+    flags: list[str] = []
+    if settings.autoattack:
+        from study.robustness.autoattack import autoattack
+        from study.robustness.threats import Threat
+
+        t0 = time.perf_counter()
+        aa, flags = autoattack(model, x, y, Threat.LINF, eps, seed=settings.seed, batch_size=cfg.data.eval_batch_size)
+        wall["autoattack"] = time.perf_counter() - t0
+        metrics["test_autoattack_acc"] = _mean(aa)
+        robust = robust & aa.to(robust.device)
+    metrics["test_robust_acc"] = _mean(robust)
+    metrics["test_points"] = float(n)
+    return {"budget": dataclasses.asdict(settings), "eps": eps,
+            "test_attack": settings.attack_text(eps, n),
+            "metrics": metrics, "autoattack_flags": flags, "wall_s": wall}
+
+
+def _mean(flags: Any) -> float:
+    return int(flags.sum()) / len(flags) if len(flags) else 0.0  # an exact fraction of the points
+
+
+def save_confirm(directory: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write trials/<n>/confirm.json atomically."""
+    return _write_json(Path(directory) / CONFIRM_FILE, payload)
+
+
+def load_confirm(directory: str | Path, settings: ConfirmSettings | None = None) -> dict | None:
+    """A trial's saved confirmation (None if absent, unreadable, or run with other settings)."""
+    return _read_json(Path(directory) / CONFIRM_FILE, settings)
+
+
+def confirm_columns(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The Pareto row's columns of a saved confirmation: the test_* figures and `test_attack`."""
+    m = payload.get("metrics", {})
+    out: dict[str, Any] = {k: m[k] for k in TEST_METRICS if k in m}
+    out["test_attack"] = payload.get("test_attack", "")
+    return out
 
 
 def budget_text(b: Budget) -> str:

@@ -8,6 +8,10 @@ Layout of a study (runs/<name>/): study.json (manifest: where everything is), sp
 validated file), optuna.db, tune/<name>/ (the Tune experiment), pretrained/, trials/<number>/,
 pareto.csv. MLflow defaults to runs/mlflow.db (one experiment per study).
 
+Trials are selected on validation figures only. After the search, every Pareto-front trial is evaluated
+on the TEST split (`Study.final_evaluation`: study.confirm always, the study.robustness suite's final
+budget where set; trials/<number>/confirm.json, robustness_final.json); `--no-final-eval` skips it.
+
 No lost and no duplicated trials across a resume:
 - Tune restores its trials and the searcher (which maps Tune trial ids to Optuna trials) from the
   experiment checkpoint; unfinished Tune trials continue from their last epoch checkpoint.
@@ -33,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -173,6 +177,12 @@ def load_optuna_study(url: str, name: str, space: SearchSpace | None = None) -> 
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError("study.objectives", f"the Optuna study {name!r} exists with other directions "
                           f"({[d.name.lower() for d in study.directions]}); pick another study name or --fresh")
+    if study.metric_names != space.study.metrics:  # optuna-dashboard and `optuna best-trials` show these names
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(space.study.metrics))
     return study
 
 
@@ -342,7 +352,8 @@ class Study:
                  run_trial: Callable | None = None, pretrain: Callable | None = None, final_eval: bool = True):
         self.space, self.paths, self.manifest = space, paths, manifest
         self.run_trial, self.pretrain = run_trial, pretrain
-        self.final_eval = final_eval  # the robustness suite's final budget on the front (study.robustness)
+        self.final_eval = final_eval  # the test-split evaluation of the front (study.confirm, study.robustness)
+        self.within_points = 1.0  # the report recommends the smallest model within this many accuracy points of dense
         s = space.study
         cache = space.base_config().cache_dir
         explicit_cache = "cache_dir" in space.trial
@@ -431,7 +442,7 @@ class Study:
         fail_running(optuna_study, reason, expected=budget_spent)
         tracker.close_trial_runs(self.manifest.parent_run_id, "KILLED", reason)
         self.record_unstarted(optuna_study, tracker)
-        if self.final_eval and s.robustness is not None:
+        if self.final_eval:
             self.final_evaluation(optuna_study, tracker, cpus, gpus)
         return self.finish(optuna_study, tracker)
 
@@ -492,84 +503,125 @@ class Study:
                 callbacks=[self.callback(tracker)]),
         )
 
-    # --- the final evaluation of the front (study.robustness) ------------------------------------
+    # --- the test-split evaluation of the front (study.confirm; study.robustness) -----------------
 
     def final_evaluation(self, optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:
-        """The robustness suite with the final budget (TEST split, AutoAttack where set) on every front
-        trial, as Ray tasks on one trial's resources; saved as trials/<n>/robustness_final.json (a resume
-        does not redo it) and logged with a `final.` prefix to the trial's nested MLflow run."""
+        """The TEST split, once per Pareto-front trial (the models the study chose on validation figures),
+        as Ray tasks on one trial's resources:
+
+        - the confirmation (study.confirm, always): clean, strong PGD, standard AutoAttack; saved as
+          trials/<n>/confirm.json, logged as `test_*` metrics and the tag `test_attack`;
+        - with a study.robustness section, the suite's final budget; saved as trials/<n>/robustness_final.json,
+          logged with the `test.` prefix.
+
+        A part saved with the same settings is not redone (resume, report). Returns the trials evaluated."""
         import ray
 
         from analysis import pareto
         from study import robust_eval
 
-        settings = self.space.study.robustness
+        s = self.space.study
+        suite, conf = s.robustness, s.confirm
         todo = []
         for t in pareto.front_trials(optuna_study):
             folder = trial_dir(self.paths.root, t.number)
-            if robust_eval.load_final(folder, settings.final_budget) is not None:
+            need_confirm = robust_eval.load_confirm(folder, conf) is None
+            need_suite = suite is not None and robust_eval.load_final(folder, suite.final_budget) is None
+            if not (need_confirm or need_suite):
                 continue
             if not (folder / "model.pt").is_file():
-                log.warning("final evaluation: trial %d has no %s; skipped", t.number, folder / "model.pt")
+                log.warning("test-split evaluation: trial %d has no %s; skipped", t.number, folder / "model.pt")
                 continue
-            todo.append((t, folder))
+            todo.append((t, folder, need_confirm, need_suite))
         if not todo:
             return 0
-        print(f"[study] final robustness evaluation of {len(todo)} front trial(s) on the test split "
-              f"({robust_eval.budget_text(settings.final_budget)}) ...", flush=True)
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(robust_eval.final_task)
+        searched_eps = {"attack.eps", "eval.eps"} & set(self.space.keys)
+        eps = None if searched_eps else self.space.base_config().eval_eps
+        parts = [conf.attack_text(eps)] + ([f"robustness suite ({robust_eval.budget_text(suite.final_budget)})"]
+                                        if suite is not None else [])
+        print(f"[study] test-split evaluation of {len(todo)} Pareto-front trial(s): {'; '.join(parts)} ...", flush=True)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(robust_eval.evaluate_on_test)
         refs = [task.remote(_trial_config(self.space.trial, self.fixed, {**t.params, NUMBER_KEY: t.number}),
-                            str(folder / "model.pt"), settings, max(1, int(cpus))) for t, folder in todo]
+                            str(folder / "model.pt"), conf if need_confirm else None,
+                            suite if need_suite else None, max(1, int(cpus)))
+                for t, folder, need_confirm, need_suite in todo]
         done = 0
-        for (t, folder), ref in zip(todo, refs):
+        for (t, folder, _, _), ref in zip(todo, refs):
             try:
-                report = ray.get(ref)
+                payload, report = ray.get(ref)
             except Exception as e:  # one trial's evaluation failing must not lose the study's report
-                log.warning("final evaluation of trial %d failed: %s", t.number, e)
+                log.warning("test-split evaluation of trial %d failed: %s", t.number, e)
                 continue
-            path = robust_eval.save_final(folder, report, settings.final_budget)
-            self._log_final(tracker, t, report, path)
-            print(f"[study] trial {t.number}: final evaluation done in {report.wall_s.get('total', 0):.0f}s"
-                  + ("  ** SUSPECT: a sanity check failed **" if report.suspect else ", checks ok"), flush=True)
+            run_id = self._trial_run_id(tracker, t)
+            text, wall = [], 0.0
+            if payload is not None:
+                path = robust_eval.save_confirm(folder, payload)
+                self._log_confirm(tracker, run_id, t, payload, path)
+                m, wall = payload["metrics"], wall + sum(payload["wall_s"].values())
+                text.append(f"test clean {m['test_clean_acc']:.4f}, test robust {m['test_robust_acc']:.4f}")
+            if report is not None:
+                path = robust_eval.save_final(folder, report, suite.final_budget)
+                self._log_final(tracker, run_id, t, report, path)
+                wall += report.wall_s.get("total", 0.0)
+                text.append("suite " + ("** SUSPECT: a sanity check failed **" if report.suspect else "checks ok"))
+            print(f"[study] trial {t.number}: test-split evaluation done in {wall:.0f}s: {'; '.join(text)}", flush=True)
             done += 1
         return done
 
-    def _log_final(self, tracker: Any, trial: Any, report: Any, path: Path) -> None:
-        from study import robust_eval
-
+    def _trial_run_id(self, tracker: Any, trial: Any) -> str | None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if not run_id:
             run = tracker.find_run({"study": self.space.study.name, "optuna_trial_number": str(trial.number),
                                     "mlflow.parentRunId": self.manifest.parent_run_id})
             run_id = run.info.run_id if run is not None else None
         if not run_id:
-            log.warning("final evaluation of trial %d: no MLflow run to log it to", trial.number)
+            log.warning("test-split evaluation of trial %d: no MLflow run to log it to", trial.number)
+        return run_id
+
+    def _log_confirm(self, tracker: Any, run_id: str | None, trial: Any, payload: Mapping[str, Any], path: Path) -> None:
+        if not run_id:
             return
+        try:
+            tracker.log_batch(run_id, metrics=payload["metrics"], tags={"test_attack": payload["test_attack"]})
+            tracker.log_file(run_id, path)
+        except Exception as e:  # the numbers are saved in the trial folder anyway
+            log.warning("could not log the test-split confirmation of trial %d to MLflow: %s", trial.number, e)
+
+    def _log_final(self, tracker: Any, run_id: str | None, trial: Any, report: Any, path: Path) -> None:
+        from study import robust_eval
+
+        if not run_id:
+            return
+        p = robust_eval.FINAL_PREFIX
         failed = [c.name for c in report.checks if not c.passed]
         try:
             tracker.log_batch(run_id, metrics=robust_eval.final_metrics(report),
-                              tags={"final.suspect": str(report.suspect).lower(),
-                                    "final.failed_checks": ", ".join(failed) or "none"})
+                              tags={f"{p}suspect": str(report.suspect).lower(),
+                                    f"{p}failed_checks": ", ".join(failed) or "none"})
             tracker.log_file(run_id, path)
         except Exception as e:  # the numbers are saved in the trial folder anyway
-            log.warning("could not log the final evaluation of trial %d to MLflow: %s", trial.number, e)
+            log.warning("could not log the test-split suite evaluation of trial %d to MLflow: %s", trial.number, e)
 
-    def _final_columns(self, rows: list[dict[str, Any]]) -> dict[int, dict]:
-        """Adds the saved final evaluations' columns (final.robust..., final.autoattack..., final.suspect)
-        to the front rows, in place; returns trial number -> saved payload."""
-        s = self.space.study
-        if s.robustness is None:
-            return {}
+    def _test_columns(self, rows: list[dict[str, Any]]) -> tuple[dict[int, dict], list[str]]:
+        """Adds the saved test-split columns to the front rows, in place: the confirmation's test_* figures
+        and test_attack, and the suite's (test.robust..., test.autoattack..., test.suspect). Returns trial
+        number -> saved suite payload, and the distinct test_attack texts."""
         from study import robust_eval
 
-        out = {}
+        s = self.space.study
+        suites, attacks = {}, []
         for row in rows:
-            payload = robust_eval.load_final(trial_dir(self.paths.root, int(row["trial"])))
-            if payload is None:
-                continue
-            out[int(row["trial"])] = payload
-            row.update(robust_eval.front_columns(payload["metrics"], s.metrics))  # mlflow_run_id stays last
-        return out
+            folder = trial_dir(self.paths.root, int(row["trial"]))
+            payload = robust_eval.load_confirm(folder)
+            if payload is not None:
+                row.update(robust_eval.confirm_columns(payload))  # mlflow_run_id stays last (columns_of)
+                if payload.get("test_attack") and payload["test_attack"] not in attacks:
+                    attacks.append(payload["test_attack"])
+            final = robust_eval.load_final(folder) if s.robustness is not None else None
+            if final is not None:
+                suites[int(row["trial"])] = final
+                row.update(robust_eval.front_columns(final["metrics"], s.metrics))
+        return suites, attacks
 
     def _counts(self, study: Any) -> tuple[int, int]:
         from optuna.trial import TrialState
@@ -577,38 +629,61 @@ class Study:
         trials = study.get_trials(deepcopy=False)
         return (sum(t.state == TrialState.COMPLETE for t in trials), sum(t.state == TrialState.FAIL for t in trials))
 
-    def finish(self, optuna_study: Any, tracker: Any | None = None) -> Outcome:
+    def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:
         from analysis import pareto
 
         s = self.space.study
         rows = pareto.front_rows(optuna_study, s.metrics)
-        finals = self._final_columns(rows)
+        suites, attacks = self._test_columns(rows)
         csv = pareto.write_csv(rows, self.paths.pareto)
         complete, failed = self._counts(optuna_study)
         hv = pareto.study_hypervolume(optuna_study)
-        if finals:  # the terminal gets the objectives' final figures, AutoAttack and suspect; the CSV all
-            from study.robust_eval import terminal_column
+        # The terminal gets test clean/robust (the attack named above the table), the objectives' suite test
+        # figures, AutoAttack and suspect; the CSV gets them all, test_attack included.
+        from study.robust_eval import terminal_column
 
-            shown = [{k: v for k, v in r.items() if terminal_column(k, s.metrics, r)} for r in rows]
-            print_front(s.name, shown, self.space.keys, complete, failed, hv, csv)
-            print_final_checks(finals, s.robustness)
-        else:
-            print_front(s.name, rows, self.space.keys, complete, failed, hv, csv)
+        shown = [{k: v for k, v in r.items() if terminal_column(k, s.metrics, r)} for r in rows]
+        print_front(s.name, shown, self.space.keys, complete, failed, hv, csv, attacks)
+        if suites:
+            print_final_checks(suites, s.robustness)
         if tracker is not None:
             run = self.manifest.parent_run_id
             tracker.log_batch(run, metrics={"trials_complete": complete, "trials_failed": failed,
                                             "pareto_size": len(rows), "hypervolume": hv})
             tracker.log_file(run, csv)
-            tracker.finish(run, "FINISHED")
+        self.write_report(optuna_study, tracker if tracker is not None else report_tracker)
+        if tracker is not None:
+            tracker.finish(self.manifest.parent_run_id, "FINISHED")
         print_viewers(self.paths, self.manifest, s.metrics)
         return Outcome("complete", complete, failed, rows, csv, self.manifest.parent_run_id)
 
+    def write_report(self, optuna_study: Any, tracker: Any | None) -> Path | None:
+        """runs/<study>/report/ (plots + index.html), logged to the parent run when `tracker` is given.
+        A report that cannot be drawn is a warning: it must never lose the study's results."""
+        from analysis.report import write_report
 
-def print_front(name: str, rows: list[dict], keys: list[str], complete: int, failed: int, hv: float, csv: Path) -> None:
+        try:
+            page = write_report(self.paths.root, optuna_study, self.space, self.manifest, tracker,
+                                within_points=self.within_points)
+        except Exception as e:  # noqa: BLE001 - the front and pareto.csv are already written
+            log.warning("could not write the study report: %s", e)
+            return None
+        print(f"report written to {page}", flush=True)
+        return page
+
+
+def print_front(name: str, rows: list[dict], keys: list[str], complete: int, failed: int, hv: float, csv: Path,
+                attacks: Sequence[str] = ()) -> None:
     from analysis import pareto
 
     title = (f"\nPareto front of study '{name}': {len(rows)} of {complete} complete trials "
              f"({failed} failed); hypervolume {hv:.4g}")
+    title += "\nselected on the validation split (val_*)"
+    if attacks:
+        title += ("; test_* = the chosen models on the TEST split, test_robust_acc = per-point worst case of "
+                  + " | ".join(attacks))
+    else:
+        title += "; no test-split figures yet (study resume runs the confirmation)" if rows else ""
     print(pareto.format_table(pareto.compact_params(rows, keys), title=title))
     print(f"written to {csv}", flush=True)
 
@@ -618,7 +693,7 @@ def print_final_checks(finals: Mapping[int, dict], robustness: Any) -> None:
     from study import robust_eval
 
     budget = robust_eval.budget_text(robustness.final_budget) if robustness is not None else ""
-    print(f"\nfinal robustness evaluation (test split, {budget}): sanity checks")
+    print(f"\nrobustness suite on the test split ({budget}): sanity checks")
     for number, payload in sorted(finals.items()):
         failed = payload.get("failed_checks") or []
         print(f"  trial {number}: " + (f"SUSPECT, failed: {', '.join(failed)}" if failed else "all checks passed"))
@@ -685,10 +760,14 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
     return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=True)
 
 
-def report_study(name: str, *, runs_dir: str | Path = "runs") -> Outcome:
+def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: float = 1.0) -> Outcome:
+    """Reprint the front and redraw the report of a finished or running study (the report's files are
+    logged to the parent run; the run's status is left as it is)."""
     paths, manifest, space = _open(name, runs_dir)
     study = load_optuna_study(manifest.storage, name)
-    return Study(space, paths, manifest).finish(study)
+    s = Study(space, paths, manifest)
+    s.within_points = within_points
+    return s.finish(study, report_tracker=s.tracker())
 
 
 def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, SearchSpace]:
@@ -731,7 +810,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_final_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-final-eval", dest="final_eval", action="store_false",
-                   help="skip the final robustness evaluation of the Pareto front (study.robustness.final_budget)")
+                   help="skip the test-split evaluation of the Pareto front (study.confirm, and "
+                        "study.robustness.final_budget); `study resume <name>` runs it later")
 
 
 def _add_ray(p: argparse.ArgumentParser) -> None:
@@ -761,6 +841,9 @@ def add_resume_args(p: argparse.ArgumentParser) -> None:
 
 def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="study name (the folder under --runs-dir)")
+    p.add_argument("--within-points", type=float, default=1.0, metavar="X",
+                   help="recommend the smallest model within X accuracy points of the dense model's "
+                        "validation robust accuracy (default 1.0)")
     _add_common(p)
 
 
@@ -796,7 +879,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    report_study(args.name, runs_dir=args.runs_dir)
+    if not 0 <= args.within_points <= 100:
+        raise ConfigError("--within-points", f"{args.within_points:g} is out of range; must be in [0, 100]")
+    report_study(args.name, runs_dir=args.runs_dir, within_points=args.within_points)
     return 0
 
 

@@ -24,14 +24,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from study.config import ConfigError, TrialConfig, merge, read_yaml, trial_from_dict, unflatten
-from study.robust_eval import SUITE_FAMILIES, RobustnessSettings, canonical_metric, is_suite_name, parse_robustness
+from study.robust_eval import (CONFIRM_DEFAULT, CONFIRM_KEYS, SUITE_FAMILIES, ConfirmSettings, RobustnessSettings,
+                               canonical_metric, is_suite_name, parse_robustness)
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-# Final metrics of a trial (pipeline.TrialResult.metrics) that may serve as objectives.
+# Final metrics of a trial (pipeline.TrialResult.metrics) that may serve as objectives: selection-safe
+# ones only, i.e. sizes and validation figures. Test figures exist for chosen models only (study.confirm).
 OBJECTIVE_METRICS = (
-    "params_kept", "robust_acc", "clean_acc", "compression", "sparsity", "sparse_bytes",
+    "params_kept", "prunable_kept", "compression", "sparsity", "sparse_bytes",
     "val_robust_acc", "val_clean_acc",
 )
+# Names that are not selection-safe, with the validation figure to use instead.
+_TEST_FIGURES = {"robust_acc": "val_robust_acc", "clean_acc": "val_clean_acc", "test_clean_acc": "val_clean_acc",
+                 "test_robust_acc": "val_robust_acc", "test_pgd_acc": "val_robust_acc",
+                 "test_autoattack_acc": "val_robust_acc"}
 TOP_KEYS = ("study", "trial", "search")
 PARAM_KEYS = ("float", "int", "choice", "log", "step", "when")
 
@@ -55,8 +61,9 @@ class StudySettings:
     max_failures: int = 0  # Tune retries of a crashed trial (a NaN loss fails the same way again)
     seed: int = 0  # sampler seed
     storage: str = ""  # Optuna storage URL or journal file; "" = sqlite:///runs/<name>/optuna.db
-    objectives: tuple[Objective, ...] = (Objective("params_kept", "min"), Objective("robust_acc", "max"))
+    objectives: tuple[Objective, ...] = (Objective("params_kept", "min"), Objective("val_robust_acc", "max"))
     robustness: RobustnessSettings | None = None  # the robustness suite per trial (search) and on the front (final)
+    confirm: ConfirmSettings = CONFIRM_DEFAULT  # test-split confirmation of every Pareto-front trial (always)
 
     @property
     def metrics(self) -> list[str]:
@@ -230,10 +237,39 @@ def _parse_study(raw: Mapping[str, Any]) -> StudySettings:
             out[key] = _parse_objectives(value)
         elif key == "robustness":
             out[key] = None if value is None else parse_robustness(value)
+        elif key == "confirm":
+            out[key] = _parse_confirm(value)
     if "objectives" in out:
         out["objectives"] = _suite_objectives(out["objectives"], out.get("robustness"))
     settings = StudySettings(**out)
     _check_sampler_options(settings)
+    return settings
+
+
+def _parse_confirm(raw: Any) -> ConfirmSettings:
+    """study.confirm: {points, steps, restarts, step_size, autoattack, seed}; null = the defaults."""
+    key = "study.confirm"
+    if raw is None:
+        return CONFIRM_DEFAULT
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"expected a mapping; valid keys: {', '.join(CONFIRM_KEYS)} "
+                          "(the whole confirmation is skipped with --no-final-eval)")
+    _no_unknown(raw, CONFIRM_KEYS, key + ".")
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        where = f"{key}.{k}"
+        if k == "autoattack":
+            if not isinstance(v, bool):
+                raise ConfigError(where, f"expected true or false, got {v!r}")
+            out[k] = v
+        elif k == "step_size":
+            out[k] = _number(v, where, minimum=0.0)  # relative to eps; 0 = auto = 2.5 / steps
+        else:
+            out[k] = _number(v, where, integer=True, minimum=0 if k in ("points", "seed") else 1)
+    settings = dataclasses.replace(CONFIRM_DEFAULT, **out)
+    if 0 < settings.step_size * settings.steps < 1:
+        raise ConfigError(f"{key}.step_size", f"{settings.step_size:g} x {settings.steps} steps cannot reach the "
+                          "eps-ball boundary; need steps * step_size >= 1 (or 0 = auto, 2.5 / steps)")
     return settings
 
 
@@ -251,8 +287,12 @@ def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
             raise ConfigError(key, "expected {metric: NAME, mode: min|max}")
         _no_unknown(item, ("metric", "mode"), key + ".")
         metric, mode = item.get("metric"), item.get("mode")
+        if isinstance(metric, str):
+            _refuse_test_metric(metric, key + ".metric")
         if not isinstance(metric, str) or (metric not in OBJECTIVE_METRICS and not is_suite_name(metric)):
-            raise ConfigError(key + ".metric", f"unknown metric {metric!r}; valid choices: {', '.join(OBJECTIVE_METRICS)}, "
+            near = difflib.get_close_matches(str(metric), OBJECTIVE_METRICS, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(key + ".metric", f"unknown metric {metric!r}{hint}; valid choices: {', '.join(OBJECTIVE_METRICS)}, "
                               f"or with a study.robustness section {', '.join(SUITE_FAMILIES)}")
         if mode not in ("min", "max"):
             raise ConfigError(key + ".mode", f"unknown mode {mode!r}; valid choices: min, max")
@@ -260,6 +300,20 @@ def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
     if len({o.metric for o in out}) != len(out):
         raise ConfigError("study.objectives", "an objective metric is listed twice")
     return tuple(out)
+
+
+def _refuse_test_metric(metric: str, key: str) -> None:
+    """Objectives select models, so they must never name a test-split figure."""
+    instead = _TEST_FIGURES.get(metric)
+    if instead is None and metric.startswith(("test.", "final.")):
+        instead = metric.partition(".")[2]  # the suite's test figure -> its validation figure (search budget)
+        if instead.startswith("autoattack."):  # AutoAttack runs on the front only; PGD + APGD-CE is the search's
+            instead = "robust." + instead.partition(".")[2]
+    elif instead is None and metric.startswith("test_"):
+        instead = "val_robust_acc"
+    if instead is not None:
+        raise ConfigError(key, f"{metric!r} is a test-split figure, and selection uses validation: did you mean "
+                          f"{instead}? (test figures are measured only for the chosen models: study.confirm)")
 
 
 def _suite_objectives(objectives: tuple[Objective, ...], robustness: RobustnessSettings | None) -> tuple[Objective, ...]:

@@ -1,5 +1,11 @@
 """MLflow records of a study: one parent run per study, one nested run per trial, batched logging.
 
+The experiment says what it is (tag `mlflow.experimentKind` = custom_model_development, and a
+`mlflow.note.content` description of the study, shown on the experiment's page). Per-epoch metrics are
+logged at the trial's global step (monotone across the prune and finetune stages) with `step`, the
+within-stage `epoch` and the stage itself as a number (`stage`: 1 = prune, 2 = finetune; the run tag
+`stage` names the latest one), so a chart over steps shows where a stage starts.
+
 All logging happens in the driver, from a Tune callback: one writer for the tracking store (no sqlite
 lock contention between trial processes), and a trial that dies without a word (OOM kill, lost node)
 is still marked FAILED. A trial's nested run is keyed by its Optuna trial number (tag
@@ -26,6 +32,11 @@ _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
     "done", "trial_id", "experiment_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name",
     "training_iteration", "optuna_trial_number", "final",
 }
+# Stages as MLflow metric values (metrics are numbers); the tag `stage_codes` on each trial run says so.
+STAGE_CODES = {"pretrain": 0, "prune": 1, "finetune": 2}
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow's UI shows for an experiment or a run
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 MAX_PARAM_CHARS = 6000
 
@@ -131,6 +142,15 @@ class Tracker:
         if Path(path).is_file():
             self.client.log_artifact(run_id, str(path), folder)
 
+    def log_folder(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        """Every file under `path`, as artifacts under `folder` (e.g. report/index.html)."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(run_id, str(path), folder)
+
+    def set_experiment_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_experiment_tag(self.experiment_id, k, str(v))
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
@@ -156,12 +176,39 @@ def _param_text(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The study's parent run.
+# The study's experiment and parent run.
+
+
+def study_description(settings: Mapping[str, Any], space_file: str | Path | None = None, extra: str = "") -> str:
+    """Markdown shown on the experiment's page: what the study searches for and how (`settings`: the
+    fields of study.space.StudySettings, as dataclasses.asdict gives them)."""
+    objectives = settings.get("objectives") or ()
+    goals = ", ".join(f"`{o['metric']}` ({o['mode']})" if isinstance(o, Mapping) else str(o) for o in objectives)
+    lines = [f"Study **{settings.get('name', '?')}**: robust pruning (HYDRA and baselines) searched by Optuna "
+             f"({settings.get('sampler', '?')} sampler, {settings.get('n_trials', '?')} trials) on Ray Tune.",
+             f"Objectives: {goals or '?'}. Selection uses validation figures only; test figures (`test_*`) "
+             "exist for the Pareto front.",
+             "One parent run (tag run_role=study) per study, one nested run per trial (tag optuna_trial_number)."]
+    if space_file:
+        lines.append(f"Search space: `{space_file}`.")
+    if extra:
+        lines.append(extra)
+    return "\n\n".join(lines)
+
+
+def describe_experiment(tracker: Tracker, settings: Mapping[str, Any], space_file: str | Path | None = None,
+                        extra: str = "") -> None:
+    """Tag the study's experiment as model development and give it the study's description."""
+    tracker.set_experiment_tags({EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+                                 NOTE_TAG: study_description(settings, space_file, extra)})
 
 
 def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapping[str, Any] | None = None,
                     space_file: str | Path | None = None) -> str:
-    """Find the study's parent run (by id, then by tag) or create it; mark it RUNNING."""
+    """Find the study's parent run (by id, then by tag) or create it; mark it RUNNING. Describes the
+    experiment from `params` (the study.* settings)."""
+    settings = {k[len("study."):]: v for k, v in (params or {}).items() if k.startswith("study.")}
+    describe_experiment(tracker, {"name": study, **settings}, space_file)
     run = None
     if run_id:
         try:
@@ -182,6 +229,23 @@ def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapp
 
 # ---------------------------------------------------------------------------------------------------
 # Nested trial runs, from the driver.
+
+
+def epoch_record(result: Mapping[str, Any], step: int) -> tuple[dict[str, float], dict[str, str]]:
+    """The metrics and tags of one Tune report for a trial's MLflow run at global `step`: its numbers,
+    `step`, and the stage as a number (STAGE_CODES) beside the within-stage `epoch`."""
+    metrics = numeric_metrics(result)
+    metrics["step"] = float(step)
+    tags: dict[str, str] = {}
+    stage = result.get("stage")
+    if isinstance(stage, str):
+        if stage in STAGE_CODES:
+            metrics["stage"] = float(STAGE_CODES[stage])
+        tags["stage"] = stage
+        tags["stage_codes"] = ", ".join(f"{v}={k}" for k, v in STAGE_CODES.items())
+    if isinstance(result.get("ray_node_id"), str):
+        tags["ray_node_id"] = result["ray_node_id"]
+    return metrics, tags
 
 
 class MlflowTrialCallback(Callback):
@@ -247,10 +311,8 @@ class MlflowTrialCallback(Callback):
         step = int(result.get("step", result.get("training_iteration", 0)))
         if step <= self._steps.get(run_id, 0):
             return  # already logged before a resume
-        metrics = numeric_metrics(result)
-        metrics["step"] = float(step)
-        tags = {"ray_node_id": result["ray_node_id"]} if isinstance(result.get("ray_node_id"), str) else None
-        self.tracker.log_batch(run_id, metrics=metrics, step=step, tags=tags)
+        metrics, tags = epoch_record(result, step)
+        self.tracker.log_batch(run_id, metrics=metrics, step=step, tags=tags or None)
         self._steps[run_id] = step
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

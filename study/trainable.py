@@ -5,6 +5,10 @@ the config comes through `tune.with_parameters`. Every epoch goes to `ray.tune.r
 checkpoint; the last report carries the final metrics, every objective finite, and `final: 1`. A trial
 that cannot produce that raises, so Tune marks it ERROR and Optuna records it FAIL.
 
+Everything a trial reports is a validation or size figure (model selection never sees the test split; a
+run_trial returning test figures is refused). The test split is evaluated after the search, for the
+Pareto-front trials only (study.runner.Study.final_evaluation: confirm.json beside the trial's files).
+
 A trial's files live in `<study_dir>/trials/<optuna number>/` (result.json, model.pt, final.json):
 keyed by the Optuna number, which survives a resume, so a trial that had already finished when the
 driver died reports its saved result again instead of training twice.
@@ -96,6 +100,10 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
 
     result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume_state)
     metrics = {k: float(v) for k, v in result.metrics.items()}
+    leaked = sorted(k for k in metrics if k.startswith(("test_", "test.")) or k in ("clean_acc", "robust_acc"))
+    if leaked:  # whatever reaches Tune reaches Optuna and MLflow as a selection figure
+        raise RuntimeError(f"run_trial returned test-split figures ({', '.join(leaked)}): model selection uses "
+                           "validation only; test figures are measured for the chosen models (study.confirm)")
     if robustness is not None:
         metrics.update(search_robustness(cfg, result, metrics, robustness))
     check_objectives(metrics, objectives)

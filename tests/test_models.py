@@ -86,7 +86,10 @@ def test_weights_only_round_trip(arch):
 # resnet18 is the usual CIFAR ResNet-18 (11,173,962); our WideResNet at widen 10 gives TRADES' WRN-28-10
 # count (36,479,194), so WRN-28-4 is 5,849,050; vgg16_bn is the usual CIFAR VGG16-BN (14,728,266) without
 # its 4,224 conv biases (BatchNorm follows every conv) and with HYDRA's 3-layer classifier on 2x2 pooling.
+# small_cnn by hand (3 channels, width 32): convs without bias 3*32*9 + 32*64*9 + 64*64*9, BatchNorm affine
+# 2*(32 + 64 + 64), linear 1024 -> 128 and 128 -> 10 with biases.
 DEFAULT_PARAMS = {
+    "small_cnn": 864 + 18_432 + 36_864 + 2 * (32 + 64 + 64) + (1024 * 128 + 128) + (128 * 10 + 10),
     "resnet18": 11_173_962,
     "wrn_28_4": 5_849_050,
     "vgg16_bn": 14_728_266 - 4_224 - (512 * 10 + 10) + (2048 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10),
@@ -108,6 +111,49 @@ def test_width_scales_channels():
     small = sum(p.numel() for p in create_model("small_cnn", info, width=8).parameters())
     big = sum(p.numel() for p in create_model("small_cnn", info, width=16).parameters())
     assert big > 3 * small
+
+
+def test_small_cnn_convs_are_bias_free_and_batch_normalized():
+    body = create_model("small_cnn", SHAPES["digits"], width=4).body
+    children = list(body.children())
+    convs = [i for i, m in enumerate(children) if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3
+    for i in convs:
+        assert children[i].bias is None
+        assert isinstance(children[i + 1], nn.BatchNorm2d) and children[i + 1].num_features == children[i].out_channels
+
+
+def test_small_cnn_fine_tunes_from_a_random_90_percent_mask():
+    """Without normalization this net stays at chance from a random sparse mask; with BatchNorm a few
+    natural epochs take it well above chance (0.1) on digits."""
+    from study import pruning
+    from study.config import DataConfig
+    from study.data import batches, load_dataset
+
+    sp = load_dataset(DataConfig(name="digits"))
+    torch.manual_seed(0)
+    model = pruning.make_prunable(create_model("small_cnn", sp.info, width=8))
+    gen = torch.Generator().manual_seed(0)
+    pruning.random_scores(model, gen)
+    pruning.refresh_masks(model, 0.1, "layer")
+    pruning.set_mode(model, "fixed")
+    kept = sum(int(m.mask.sum()) for _, m in pruning.masked_layers(model))
+    total = sum(m.mask.numel() for _, m in pruning.masked_layers(model))
+    # width 8 by hand: 72, 1152, 2304, 8192, 320 weights; round(0.1 * n) of each kept
+    assert total == 12_040 and kept == 7 + 115 + 230 + 819 + 32
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(5):
+        for x, y in batches(sp.x_train, sp.y_train, 64, shuffle=True, generator=gen):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(sp.x_val).argmax(1) == sp.y_val).float().mean().item()
+    assert acc > 0.5, acc
+    # and the mask held: still 90% zeros
+    assert sum(int((m.weight == 0).sum()) for _, m in pruning.masked_layers(model)) == total - kept
 
 
 def test_unknown_arch_lists_choices():

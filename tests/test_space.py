@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from study.config import ConfigError
-from study.space import load_space, parse_space
+from study.robust_eval import CONFIRM_DEFAULT, ConfirmSettings, is_suite_name
+from study.space import OBJECTIVE_METRICS, load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,12 @@ def test_every_search_space_file_loads_and_samples(path):
     for word in ("command:", "hardware:", "time:"):
         assert word in header, f"{path.name}: header lacks '{word}'"
     assert space.study.name == path.stem
+    # selection sees validation only: every objective is a size, a val_* figure or a (validation) suite metric
+    for metric in space.study.metrics:
+        assert metric in OBJECTIVE_METRICS or is_suite_name(metric), (path.name, metric)
+        assert not metric.startswith(("test", "final")) and metric not in ("robust_acc", "clean_acc")
+    assert space.study.confirm.autoattack and space.study.confirm.steps >= 20  # the front is confirmed on test
+    assert "confirm:" in text
     keys = set(space.keys)
     assert {"prune.keep_fraction", "prune.score_init", "attack.schedule", "attack.warmup_fraction",
             "attack.eps_multiplier", "attack.steps"} <= keys
@@ -125,8 +132,33 @@ def test_conditional_parent_comes_first_and_fallback_is_fixed_value():
     ({"study/nme": "x"}, "study.nme", ["did you mean 'name'"]),
     ({"study/sampler": "cmaes"}, "study.sampler", ["tpe, nsga2, gp, random"]),
     ({"study/n_trials": 0}, "study.n_trials", ["out of range"]),
-    ({"study/objectives": [{"metric": "size", "mode": "min"}]}, "study.objectives[0].metric", ["params_kept", "robust_acc"]),
-    ({"study/objectives": [{"metric": "robust_acc", "mode": "up"}]}, "study.objectives[0].mode", ["min, max"]),
+    ({"study/objectives": [{"metric": "size", "mode": "min"}]}, "study.objectives[0].metric", ["params_kept", "val_robust_acc"]),
+    ({"study/objectives": [{"metric": "val_robust_acc", "mode": "up"}]}, "study.objectives[0].mode", ["min, max"]),
+    ({"study/objectives": [{"metric": "val_robust", "mode": "max"}]}, "study.objectives[0].metric",
+     ["did you mean 'val_robust_acc'"]),
+    # objectives select models: no test-split figure may be one, and the error says what to use
+    ({"study/objectives": [{"metric": "robust_acc", "mode": "max"}]}, "study.objectives[0].metric",
+     ["selection uses validation: did you mean val_robust_acc?"]),
+    ({"study/objectives": [{"metric": "params_kept", "mode": "min"}, {"metric": "clean_acc", "mode": "max"}]},
+     "study.objectives[1].metric", ["selection uses validation: did you mean val_clean_acc?"]),
+    ({"study/objectives": [{"metric": "test_robust_acc", "mode": "max"}]}, "study.objectives[0].metric",
+     ["test-split figure", "did you mean val_robust_acc?"]),
+    ({"study/objectives": [{"metric": "test_autoattack_acc", "mode": "max"}]}, "study.objectives[0].metric",
+     ["did you mean val_robust_acc?"]),
+    ({"study/objectives": [{"metric": "test_clean_acc", "mode": "max"}]}, "study.objectives[0].metric",
+     ["did you mean val_clean_acc?"]),
+    ({"study/objectives": [{"metric": "test.robust.linf.0.1", "mode": "max"}]}, "study.objectives[0].metric",
+     ["test-split figure", "did you mean robust.linf.0.1?"]),
+    ({"study/objectives": [{"metric": "final.autoattack.linf.0.1", "mode": "max"}]}, "study.objectives[0].metric",
+     ["did you mean robust.linf.0.1?"]),
+    # the test-split confirmation's settings
+    ({"study/confirm": {"restart": 2}}, "study.confirm.restart", ["did you mean 'restarts'", "points, steps"]),
+    ({"study/confirm": {"points": -1}}, "study.confirm.points", [">= 0"]),
+    ({"study/confirm": {"steps": 0}}, "study.confirm.steps", [">= 1"]),
+    ({"study/confirm": {"steps": 2.5}}, "study.confirm.steps", ["integer"]),
+    ({"study/confirm": {"autoattack": "yes"}}, "study.confirm.autoattack", ["true or false"]),
+    ({"study/confirm": {"steps": 10, "step_size": 0.05}}, "study.confirm.step_size", ["steps * step_size >= 1"]),
+    ({"study/confirm": [50, 3]}, "study.confirm", ["mapping", "points, steps, restarts"]),
     ({"study/sampler_options": {"popsize": 4}}, "study.sampler_options.popsize", ["valid keys"]),
     ({"trial/prune": {"keep_frac": 0.1}}, "trial.prune.keep_frac", ["valid keys"]),
     ({"search/prune.keep_frac": {"float": [0.1, 0.2]}}, "search.prune.keep_frac", ["did you mean 'prune.keep_fraction'"]),
@@ -181,3 +213,19 @@ def test_overrides_apply_to_the_file():
     with pytest.raises(ConfigError) as e:
         load_space(path, {"search.prune.score_init.choice": ["ssi", "magic"]})
     assert e.value.key == "search.prune.score_init.choice" and "kaiming_normal" in str(e.value)
+
+
+def test_default_objectives_and_confirmation():
+    space = _space()
+    assert space.study.metrics == ["params_kept", "val_robust_acc"] and space.study.modes == ["min", "max"]
+    c = space.study.confirm
+    assert c == CONFIRM_DEFAULT == ConfirmSettings(points=0, steps=50, restarts=3, step_size=0.0, autoattack=True, seed=0)
+    assert c.attack_text(0.1, 360) == ("PGD-50 x3 restarts (step 2.5*eps/50) + standard AutoAttack, Linf eps 0.1, "
+                                       "360 test points (the whole test split)")
+    custom = _space(**{"study/confirm": {"points": 200, "steps": 20, "restarts": 2, "autoattack": False}}).study.confirm
+    assert (custom.points, custom.steps, custom.restarts, custom.autoattack) == (200, 20, 2, False)
+    assert custom.attack_text(0.05, 200) == "PGD-20 x2 restarts (step 2.5*eps/20) (no AutoAttack), Linf eps 0.05, 200 test points"
+    assert _space(**{"study/confirm": None}).study.confirm == CONFIRM_DEFAULT
+    # the quickstart confirms its front too (the default is on for every study)
+    quick = load_space(ROOT / "search_spaces" / "quickstart.yaml").study.confirm
+    assert quick.autoattack and quick.steps == 50 and quick.restarts == 3

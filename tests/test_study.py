@@ -1,12 +1,14 @@
 """The study runner end to end: Ray Tune + Optuna + MLflow on a local Ray, in temporary folders.
 
 Most tests use a FAKE trial (a few epochs of made-up metrics, instant) to check the search wiring:
-Optuna states, MLflow runs, the Pareto CSV, failures, interruption and resume. One slow test runs the
-real pipeline on digits.
+Optuna states, MLflow runs, the Pareto CSV, failures, interruption and resume. A fake trial that trains a
+real tiny model checks the test-split confirmation of the front (study.confirm). Slow tests run the real
+pipeline on digits, one of them twice to show that the sampler never sees the test split.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
@@ -76,8 +78,9 @@ def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), in
     keep = cfg.prune.keep_fraction
     robust = 0.3 + 0.5 * math.sqrt(keep) * cfg.attack.eps_multiplier / 1.25
     return FakeResult({"params_kept": round(10000 * keep), "params_total": 10000.0, "compression": 1 / keep,
-                       "clean_acc": min(1.0, robust + 0.2), "robust_acc": float("nan") if number in nan else robust,
-                       "val_clean_acc": 0.5, "val_robust_acc": 0.4, "sparsity": 1 - keep, "wall_s": 0.1})
+                       "val_clean_acc": min(1.0, robust + 0.2),
+                       "val_robust_acc": float("nan") if number in nan else robust,
+                       "sparsity": 1 - keep, "wall_s": 0.1})
 
 
 def logging_trial(cfg, *, log, inner, **kw):
@@ -137,7 +140,8 @@ def _check_consistent(tmp_path, n_trials, failed=()):
         history = client.get_metric_history(r.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2]  # per epoch, no duplicates after a resume
         if number not in failed:
-            assert r.data.metrics["robust_acc"] == pytest.approx(study.trials[number].values[1])
+            assert r.data.metrics["val_robust_acc"] == pytest.approx(study.trials[number].values[1])
+            assert not any(k.startswith("test") for k in r.data.metrics)  # fake trials have no model to confirm
             assert study.trials[number].user_attrs["mlflow_run_id"] == r.info.run_id
     csv = tmp_path / "runs" / "quickstart" / "pareto.csv"
     front = sorted(int(row["trial"]) for row in pareto.read_csv(csv))
@@ -212,12 +216,108 @@ def test_storage_urls(tmp_path):
         runner.open_storage(str(tmp_path / "d.txt"))
 
 
+# ---------------------------------------------------------------------------------------------------
+# The test-split confirmation of the front (study.confirm).
+
+
+def trained_model_trial(cfg, *, on_epoch=None, resume_state=None):
+    """A real small_cnn (width 8) trained without attacks for 150 Adam steps on digits (seeded, about a
+    second), with made-up size and validation figures: val_robust_acc is the same for every trial, so only
+    the trial with the fewest params_kept is on the front."""
+    import torch
+    import torch.nn.functional as F
+
+    from study.data import load_dataset
+    from study.models import create_model
+    from study.pipeline import TrialResult
+
+    torch.manual_seed(0)
+    sp = load_dataset(cfg.data, "cpu")
+    model = create_model(cfg.model.arch, sp.info, width=cfg.model.width)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(len(sp.x_train), (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(sp.x_train[idx]), sp.y_train[idx]).backward()
+        opt.step()
+    keep = cfg.prune.keep_fraction
+    metrics = {"params_kept": float(round(10000 * keep)), "params_total": 10000.0, "val_clean_acc": 0.9,
+               "val_robust_acc": 0.5}
+    return TrialResult(config=cfg, metrics=metrics, model_state=model.eval().state_dict())
+
+
+def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
+    import torch
+
+    from study import robust_eval
+    from study.config import DataConfig
+    from study.data import load_dataset
+    from study.models import create_model
+
+    confirm = {"points": 48, "steps": 10, "restarts": 2, "autoattack": True}
+    space = _space(n_trials=3, **{"study.sampler": "random", "study.sampler_options": None, "trial.model.width": 8,
+                                  "trial.eval.eps": 0.03, "study.confirm": confirm})
+    outcome = _run(tmp_path, space, run_trial=trained_model_trial)
+    out = capsys.readouterr().out
+    assert outcome.status == "complete" and outcome.complete == 3
+    study = _optuna(tmp_path)
+    front = {t.number for t in study.best_trials}
+    assert 1 <= len(front) < 3  # at least one trial is dominated
+    attack = "PGD-10 x2 restarts (step 2.5*eps/10) + standard AutoAttack, Linf eps 0.03, 48 test points"
+    rows = pareto.read_csv(outcome.pareto_csv)
+    assert {int(r["trial"]) for r in rows} == front
+    client, _, runs = _mlflow(tmp_path)
+    runs = {int(r.data.tags["optuna_trial_number"]): r for r in runs}
+    info = load_dataset(DataConfig(name="digits"), "cpu")
+    for row in rows:
+        number = int(row["trial"])
+        m = {k: float(row[k]) for k in ("test_clean_acc", "test_pgd_acc", "test_autoattack_acc", "test_robust_acc")}
+        assert row["test_attack"] == attack and float(row["test_points"]) == 48
+        # the headline is the per-point worst case: never above either attack, and (both attacks breaking
+        # only clean-correct points) never below their overlap
+        assert m["test_robust_acc"] <= m["test_autoattack_acc"] <= m["test_clean_acc"]
+        assert m["test_robust_acc"] <= m["test_pgd_acc"] <= m["test_clean_acc"]
+        assert m["test_robust_acc"] >= m["test_pgd_acc"] + m["test_autoattack_acc"] - m["test_clean_acc"] - 1e-9
+        assert 0 < m["test_robust_acc"] < m["test_clean_acc"]  # a real, non-trivial attack on a real model
+        # clean accuracy recomputed here from the saved model on the same seeded 48 test points
+        folder = tmp_path / "runs" / "quickstart" / "trials" / f"{number:04d}"
+        model = create_model("small_cnn", info.info, width=8)
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        idx = torch.randperm(len(info.x_test), generator=torch.Generator().manual_seed(0))[:48]
+        with torch.no_grad():
+            clean = (model.eval()(info.x_test[idx]).argmax(1) == info.y_test[idx]).float().mean().item()
+        assert m["test_clean_acc"] == pytest.approx(clean)
+        # the trial's nested MLflow run: the same figures, the attack named, the saved file
+        run = runs[number]
+        for k, v in m.items():
+            assert run.data.metrics[k] == pytest.approx(v)
+        assert run.data.tags["test_attack"] == attack
+        assert robust_eval.CONFIRM_FILE in [a.path for a in client.list_artifacts(run.info.run_id)]
+        saved = robust_eval.load_confirm(folder, robust_eval.ConfirmSettings(**confirm))
+        assert saved is not None and saved["metrics"]["test_robust_acc"] == pytest.approx(m["test_robust_acc"])
+        assert robust_eval.load_confirm(folder, robust_eval.ConfirmSettings(**{**confirm, "points": 47})) is None
+    for number in set(runs) - front:  # a trial the study did not choose is never evaluated on test
+        assert not any(k.startswith("test") for k in runs[number].data.metrics)
+        assert "test_attack" not in runs[number].data.tags
+        assert not (tmp_path / "runs" / "quickstart" / "trials" / f"{number:04d}" / robust_eval.CONFIRM_FILE).exists()
+    assert not any(k.startswith("test") for t in study.trials for k in t.user_attrs)  # Optuna never sees them
+    assert "test_robust_acc" in out and attack in out and "selected on the validation split" in out
+    # a resume or a report reuses the saved confirmation
+    runner.resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=trained_model_trial, pretrain=fake_pretrain)
+    out = capsys.readouterr().out
+    assert "test-split evaluation of" not in out and attack in out
+    assert pareto.read_csv(outcome.pareto_csv) == rows
+
+
 @pytest.mark.slow
 def test_quickstart_on_digits_with_the_real_pipeline(tmp_path):
-    """The real pipeline, tiny: 3 trials of 1+1 epochs after a 2-epoch pretraining."""
+    """The real pipeline, tiny: 3 trials of 1+1 epochs after a 2-epoch pretraining, then the front's
+    test-split confirmation (a small budget here)."""
     space = load_space(QUICKSTART, {"study.n_trials": 3, "study.max_concurrent": 2, "trial.pretrain.epochs": 2,
                                     "trial.prune_stage.epochs": 1, "trial.finetune.epochs": 1,
-                                    "trial.eval.points": 200, "trial.eval.val_points": 100})
+                                    "trial.eval.points": 100, "trial.eval.val_points": 100,
+                                    "study.confirm": {"points": 64, "steps": 10, "restarts": 1, "autoattack": False}})
     outcome = runner.run_study(space, runs_dir=tmp_path / "runs")
     assert outcome.status == "complete" and outcome.complete + outcome.failed == 3
     study = _optuna(tmp_path)
@@ -226,8 +326,82 @@ def test_quickstart_on_digits_with_the_real_pipeline(tmp_path):
     out = tmp_path / "runs" / "quickstart" / "trials" / f"{best.number:04d}"
     assert (out / "model.pt").is_file() and (out / "result.json").is_file()
     assert 0 < best.user_attrs["params_kept"] < best.user_attrs["params_total"]
+    assert best.user_attrs["val_points"] == 100 and not any(k.startswith("test") for k in best.user_attrs)
     # the nested MLflow run carries the exported model and the node that ran the trial
     client, parent, children = _mlflow(tmp_path)
     run = next(r for r in children if r.data.tags.get("optuna_trial_number") == str(best.number))
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/result.json"}
     assert run.data.tags.get("ray_node_id")
+    # the front's test-split confirmation
+    confirm = json.loads((out / "confirm.json").read_text())
+    assert confirm["metrics"]["test_points"] == 64 and confirm["test_attack"].startswith("PGD-10 x1 restarts")
+    assert run.data.metrics["test_robust_acc"] == confirm["metrics"]["test_robust_acc"] <= confirm["metrics"]["test_clean_acc"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model selection never sees the test split.
+
+
+def _fingerprint(x, y) -> str:
+    import hashlib
+
+    return hashlib.sha256(x.cpu().numpy().tobytes() + y.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def split_perturbing_trial(cfg, *, perturb, log, **kw):
+    """The real pipeline's run_trial with study.data's loader wrapped (inside the Ray worker that runs the
+    trial): with `perturb`, the TEST split becomes noise images with permuted labels; train and validation
+    are untouched. Appends '<trial name> <fingerprint of the test split the trial loaded>' to `log`."""
+    import torch
+
+    from study import data, pipeline
+
+    real = data.load_dataset
+
+    def load(data_cfg, device="cpu"):
+        sp = real(data_cfg, device)
+        if perturb:
+            g = torch.Generator().manual_seed(1234)
+            sp.x_test = torch.rand(sp.x_test.shape, generator=g).to(sp.x_test.device)
+            sp.y_test = sp.y_test[torch.randperm(len(sp.y_test), generator=g).to(sp.y_test.device)]
+        with open(log, "a") as f:
+            f.write(f"{cfg.name} {_fingerprint(sp.x_test, sp.y_test)}\n")
+        return sp
+
+    data.load_dataset = pipeline.load_dataset = load
+    try:
+        return pipeline.run_trial(cfg, **kw)
+    finally:
+        data.load_dataset = pipeline.load_dataset = real
+
+
+@pytest.mark.slow
+def test_the_sampler_never_sees_the_test_split(tmp_path):
+    """The same tiny real study twice, the second time with the test split replaced by noise and permuted
+    labels: Optuna receives exactly the same values, user attributes and (NSGA-II-sampled, so value-dependent)
+    params, in the same order."""
+    overrides = {"study.n_trials": 4, "study.max_concurrent": 1,
+                 "study.sampler_options": {"population_size": 2},  # NSGA-II: trials 2-3 bred from 0-1 by their values
+                 "trial.data.train_limit": 512, "trial.pretrain.epochs": 1, "trial.prune_stage.epochs": 1,
+                 "trial.finetune.epochs": 1, "trial.eval.steps": 5, "trial.eval.restarts": 1,
+                 "trial.eval.val_points": 64, "trial.eval.val_steps": 2}
+    seen, logs = [], []
+    for perturb in (False, True):
+        runs, log = tmp_path / f"runs_{int(perturb)}", tmp_path / f"test_split_{int(perturb)}.txt"
+        outcome = runner.run_study(load_space(QUICKSTART, overrides), runs_dir=runs, final_eval=False,
+                                   run_trial=functools.partial(split_perturbing_trial, perturb=perturb, log=str(log)))
+        assert outcome.status == "complete" and outcome.complete == 4
+        study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{runs / 'quickstart' / 'optuna.db'}")
+        varying = ("wall_s", "tune_trial_id", "ray_node_id", "mlflow_run_id")
+        seen.append([(t.number, t.state, t.values, t.params,
+                      {k: v for k, v in t.user_attrs.items() if k not in varying}) for t in study.trials])
+        assert not any(k.startswith("test") for t in study.trials for k in t.user_attrs)
+        logs.append(set(log.read_text().split("\n")) - {""})
+    # the perturbation reached every trial: they loaded a different test split the second time...
+    clean_prints = {line.split()[1] for line in logs[0]}
+    noisy_prints = {line.split()[1] for line in logs[1]}
+    assert len(clean_prints) == len(noisy_prints) == 1 and clean_prints != noisy_prints
+    assert {line.split()[0] for line in logs[1]} == {f"quickstart-{n:04d}" for n in range(4)}
+    # ...and Optuna saw exactly the same thing
+    assert seen[0] == seen[1]
+    assert len({tuple(sorted(p[3].items())) for p in seen[0]}) == 4  # four distinct configurations

@@ -1,6 +1,7 @@
 """Robustness objectives in a study (study.robustness): validation of the section and of suite-metric
-objectives, the per-trial search evaluation reaching Optuna, and the final evaluation of the front
-(`final.*` in the Pareto CSV and in the trials' MLflow runs).
+objectives, the per-trial search evaluation reaching Optuna, and the test-split evaluation of the front
+(the suite's `test.*` figures beside the confirmation's `test_*` ones, in the Pareto CSV and in the trials'
+MLflow runs).
 
 The study test uses a FAKE run_trial that returns an untrained small_cnn (width 4) on digits: the trainable
 still evaluates that real model with the suite, so the objective is a real, finite suite figure.
@@ -56,7 +57,7 @@ def test_suite_objectives_get_the_suite_spelling():
     assert rob.threats == {"linf": [0.05, 0.1], "l2": [0.5, 1.0], "l0": [2.0, 4.0]}
     assert rob.search_budget == robust_eval.SEARCH_DEFAULT and rob.final_budget == robust_eval.FINAL_DEFAULT
     for metric, name in [("auc.linf", "auc.linf"), ("scenario.linf.0.10.r0.50", "scenario.linf.0.1.r0.5"),
-                         ("robust_nested.l0.4", "robust_nested.l0.4"), ("robust_acc", "robust_acc")]:
+                         ("robust_nested.l0.4", "robust_nested.l0.4"), ("val_robust_acc", "val_robust_acc")]:
         data = copy.deepcopy(BASE)
         data["study"].update(_objective(metric))
         assert parse_space(data, "x.yaml").study.metrics[1] == name
@@ -74,6 +75,8 @@ def test_suite_objectives_get_the_suite_spelling():
     (_objective("auc.linf.0.1"), "study.objectives[1].metric", ["expected auc.linf"]),
     (_objective("autoattack.linf.0.1"), "study.objectives[1].metric", ["final Pareto front", "robust.<threat>.<eps>"]),
     (_objective("robustness"), "study.objectives[1].metric", ["unknown metric", "params_kept", "auc.<threat>"]),
+    (_objective("test.robust.l2.1"), "study.objectives[1].metric", ["selection uses validation", "robust.l2.1?"]),
+    (_objective("test.autoattack.linf.0.1"), "study.objectives[1].metric", ["selection uses validation", "robust.linf.0.1?"]),
     ({**_objective("robust.linf.0.1"), "robustness": None}, "study.objectives[1].metric", ["add a study.robustness section"]),
     ({"robustness": {"threats": {"linf": [0.1]}, "budget": {}}}, "study.robustness.budget", ["search_budget", "final_budget"]),
     ({"robustness": {"scenario_r": [0.5]}}, "study.robustness.threats", ["required", "linf, l2, l0"]),
@@ -115,8 +118,8 @@ def test_search_metrics_keep_the_pipeline_figures():
         def flat_metrics(self):
             return {"clean_acc": 0.1, "robust.linf.0.1": 0.05, "suspect": 0.0, "wall_s.total": 3.0, "auc.l2": float("nan")}
 
-    out = robust_eval.search_metrics(Report(), {"clean_acc": 0.9, "robust_acc": 0.5})
-    assert out == {"robust.linf.0.1": 0.05, "suspect": 0.0, "wall_s.total": 3.0}
+    out = robust_eval.search_metrics(Report(), {"val_clean_acc": 0.9, "val_robust_acc": 0.5})
+    assert out == {"robust.linf.0.1": 0.05, "suspect": 0.0, "wall_s.total": 3.0}  # the suite's clean_acc is shadowed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,8 +158,7 @@ def tiny_model_trial(cfg, *, on_epoch=None, resume_state=None):
     info = load_dataset(cfg.data, "cpu").info
     state = create_model(cfg.model.arch, info, width=cfg.model.width).state_dict()
     keep = cfg.prune.keep_fraction
-    metrics = {"params_kept": float(round(10000 * keep)), "clean_acc": 0.9, "robust_acc": 0.5,
-               "val_clean_acc": 0.9, "val_robust_acc": 0.5}
+    metrics = {"params_kept": float(round(10000 * keep)), "val_clean_acc": 0.9, "val_robust_acc": 0.5}
     return TrialResult(config=cfg, metrics=metrics, model_state=state)
 
 
@@ -166,6 +168,7 @@ def _space(final_autoattack: bool = True):
     return load_space(QUICKSTART, {
         "study.n_trials": 2, "study.max_concurrent": 2, "study.sampler": "random", "study.sampler_options": None,
         "trial.model.width": 4,
+        "study.confirm": {"points": 32, "steps": 2, "restarts": 1, "autoattack": False},
         "study.objectives": [{"metric": "params_kept", "mode": "min"}, {"metric": "robust.linf.0.1", "mode": "max"}],
         "study.robustness": {"threats": {"linf": [0.1], "l2": [0.5]}, "scenario_r": [0.5],
                              "search_budget": budget, "final_budget": final},
@@ -197,12 +200,12 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
         value = t.values[1]
         assert math.isfinite(value) and 0 <= value <= 1
         assert t.user_attrs["robust.linf.0.1"] == value and "auc.l2" in t.user_attrs  # the suite's metrics
-        assert t.user_attrs["clean_acc"] == 0.9  # the pipeline's figure, not the suite's
+        assert t.user_attrs["val_clean_acc"] == 0.9 and "clean_acc" not in t.user_attrs  # the suite's is shadowed
         assert mlruns[t.number].data.metrics["robust.linf.0.1"] == pytest.approx(value)
-    assert not any(k.startswith("final.") for k in pareto.read_csv(first.pareto_csv)[0])  # --no-final-eval
+    assert not any(k.startswith("test") for k in pareto.read_csv(first.pareto_csv)[0])  # --no-final-eval
     capsys.readouterr()
 
-    # resuming the finished study runs only the final evaluation of the front
+    # resuming the finished study runs only the test-split evaluation of the front: suite and confirmation
     again = runner.resume_study("quickstart", runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain)
     out = capsys.readouterr().out
     assert again.status == "complete" and again.complete == 2
@@ -212,25 +215,31 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
     client, mlruns = _mlflow_trial_runs(runs)
     for row in rows:
         number = int(row["trial"])
-        cols = ["final.robust.linf.0.1", "final.robust.l2.0.5", "final.clean_acc", "final.suspect", "final.auc.l2"]
-        for col in cols + ["final.autoattack.linf.0.1"] * autoattack:
+        cols = ["test.robust.linf.0.1", "test.robust.l2.0.5", "test.clean_acc", "test.suspect", "test.auc.l2",
+                "test_clean_acc", "test_pgd_acc", "test_robust_acc", "test_points"]
+        for col in cols + ["test.autoattack.linf.0.1"] * autoattack:
             assert math.isfinite(float(row[col])), col
-        assert ("final.autoattack.linf.0.1" in row) == autoattack
+        assert ("test.autoattack.linf.0.1" in row) == autoattack
+        assert not row.get("test_autoattack_acc")  # the confirmation's AutoAttack is off here
+        assert row["test_attack"] == "PGD-2 x1 restarts (step 2.5*eps/2) (no AutoAttack), Linf eps 0.1, 32 test points"
+        assert float(row["test_robust_acc"]) == float(row["test_pgd_acc"]) <= float(row["test_clean_acc"])
         saved = json.loads((runs / "quickstart" / "trials" / f"{number:04d}" / robust_eval.FINAL_FILE).read_text())
         assert saved["budget"]["points"] == 32 and saved["report"]["n_points"] == 32  # test split, final budget
         assert [a["threat"] for a in saved["report"]["autoattack"]] == ["linf"] * autoattack
         run = mlruns[number]
-        for col in ("final.robust.linf.0.1", "final.suspect") + ("final.autoattack.linf.0.1",) * autoattack:
+        for col in ("test.robust.linf.0.1", "test.suspect", "test_robust_acc") + ("test.autoattack.linf.0.1",) * autoattack:
             assert run.data.metrics[col] == pytest.approx(float(row[col]))
-        assert run.data.tags["final.suspect"] in ("true", "false")
-        assert robust_eval.FINAL_FILE in [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert run.data.tags["test.suspect"] in ("true", "false") and run.data.tags["test_attack"] == row["test_attack"]
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert robust_eval.FINAL_FILE in artifacts and robust_eval.CONFIRM_FILE in artifacts
     for number in set(mlruns) - front:
-        assert not any(k.startswith("final.") for k in mlruns[number].data.metrics)
-    assert "final robustness evaluation" in out and "final.robust.linf.0.1" in out
-    assert ("final.autoattack.linf.0.1" in out) == autoattack
+        assert not any(k.startswith("test") for k in mlruns[number].data.metrics)
+    assert not any(k.startswith(("final.", "final_")) for r in mlruns.values() for k in r.data.metrics)  # old prefix
+    assert "robustness suite on the test split" in out and "test.robust.linf.0.1" in out
+    assert ("test.autoattack.linf.0.1" in out) == autoattack
     assert all(f"trial {n}:" in out for n in front)
 
-    # `study report` reprints the final columns from the saved evaluations, without evaluating again
+    # `study report` reprints the test columns from the saved evaluations, without evaluating again
     runner.report_study("quickstart", runs_dir=runs)
     out = capsys.readouterr().out
-    assert "final.robust.linf.0.1" in out and "[study] final robustness evaluation of" not in out
+    assert "test.robust.linf.0.1" in out and "test_robust_acc" in out and "[study] test-split evaluation of" not in out

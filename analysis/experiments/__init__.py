@@ -1,0 +1,1 @@
+"""Reproducible experiments whose outputs (CSV + markdown under docs/) the README cites."""

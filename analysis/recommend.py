@@ -1,0 +1,159 @@
+"""Which pruned model to ship: the size-vs-robustness front of a study and two recommendations on it.
+
+Pure functions on `Point`s (one per COMPLETE trial), so the logic is tested on fake Optuna trials.
+Everything here is on validation figures (the study's objectives): model selection never sees test.
+
+- knee: the front point farthest above the chord between the front's two ends, with size on a log
+  axis and both axes scaled to [0, 1] (Das 1999's "knee": the largest bulge, where a further size
+  reduction starts to cost disproportionately much robustness). Fewer than three front points, or a
+  front with no bulge: the point nearest the ideal corner (smallest size, best robustness); a tie (two
+  points are always equally near) goes to the more robust one: no robustness is given up on no evidence.
+- smallest within X points: the smallest model whose robust accuracy is at least the dense model's
+  minus X percentage points (it is always on the front: anything dominating it qualifies too).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from analysis import pareto
+
+LWM = "lwm"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One COMPLETE trial seen along the report's two axes."""
+    trial: int
+    size: float  # the size objective (params_kept by default), minimized
+    robust: float  # the robustness objective (val_robust_acc by default), maximized
+    clean: float | None = None  # val_clean_acc
+    total: float | None = None  # the dense size on the same scale (params_total), for compression
+    params: Mapping[str, Any] = field(default_factory=dict)  # the searched values
+    method: str = "hydra"  # prune.method
+    run_id: str = ""  # the trial's nested MLflow run
+    model_path: str = ""  # trials/<n>/model.pt where it exists
+    test: Mapping[str, Any] = field(default_factory=dict)  # test_* figures of a confirmed front model
+
+    @property
+    def compression(self) -> float | None:
+        return self.total / self.size if self.total and self.size > 0 else None
+
+    @property
+    def autoattack_confirmed(self) -> bool:
+        """The test figure of this model includes standard AutoAttack (test_autoattack_acc is a number)."""
+        v = self.test.get("test_autoattack_acc")
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A model that is not a trial of the study: the dense model, or an LWM baseline from baselines.json."""
+    label: str
+    size: float
+    robust: float
+    clean: float | None = None
+    method: str = "dense"
+    keep_fraction: float | None = None
+
+
+def front(points: Sequence[Point]) -> list[Point]:
+    """The non-dominated points (min size, max robust), smallest first. Equal points are all kept."""
+    if not points:
+        return []
+    mask = pareto.non_dominated([[p.size, p.robust] for p in points], ["min", "max"])
+    return sorted((p for p, keep in zip(points, mask) if keep), key=lambda p: (p.size, -p.robust, p.trial))
+
+
+def _scaled(points: Sequence[Point]) -> np.ndarray:
+    """(n, 2): log10 size and robust accuracy, each scaled to [0, 1] over `points` (0 where constant)."""
+    xy = np.array([[math.log10(max(p.size, 1e-12)), p.robust] for p in points], dtype=float)
+    lo, span = xy.min(0), np.ptp(xy, 0)
+    return np.where(span > 0, (xy - lo) / np.where(span > 0, span, 1.0), 0.0)
+
+
+def knee(front_points: Sequence[Point]) -> Point | None:
+    """The knee of a front (sorted smallest first, as `front` returns it); None for an empty front."""
+    pts = list(front_points)
+    if not pts:
+        return None
+    xy = _scaled(pts)
+    if len(pts) >= 3:
+        a, b = xy[0], xy[-1]  # smallest (least robust) and largest (most robust) ends
+        d = b - a
+        # signed distance above the chord (positive: towards the ideal corner, small and robust)
+        dist = (d[0] * (xy[:, 1] - a[1]) - d[1] * (xy[:, 0] - a[0])) / max(float(np.hypot(*d)), 1e-12)
+        i = int(np.argmax(dist))
+        if dist[i] > 1e-9:
+            return pts[i]
+    gap = np.hypot(xy[:, 0], 1.0 - xy[:, 1])  # distance to the ideal corner (0, 1)
+    return min(zip(gap, pts), key=lambda gp: (round(float(gp[0]), 9), -gp[1].robust))[1]
+
+
+def smallest_within(points: Iterable[Point], reference: float, within_points: float) -> Point | None:
+    """The smallest point with robust >= reference - within_points / 100 (ties: the more robust)."""
+    floor = reference - within_points / 100.0
+    ok = [p for p in points if p.robust >= floor - 1e-12]
+    return min(ok, key=lambda p: (p.size, -p.robust, p.trial)) if ok else None
+
+
+def best_at_compression(points: Iterable[Point], factor: float) -> Point | None:
+    """The most robust point compressed at least `factor` times (None when none is)."""
+    ok = [p for p in points if p.compression is not None and p.compression >= factor * (1 - 1e-9)]
+    return max(ok, key=lambda p: (p.robust, -p.size, -p.trial)) if ok else None
+
+
+def hypervolume_history(trials: Sequence[Any], modes: Sequence[str]) -> list[tuple[int, float]]:
+    """(completed trials so far, hypervolume of their values) in completion order, against the
+    reference of all of them (so the last value equals `pareto.study_hypervolume`)."""
+    done = [t for t in trials if t.values is not None and all(math.isfinite(v) for v in t.values)]
+    done.sort(key=lambda t: (t.datetime_complete is None, t.datetime_complete or 0, t.number))
+    if not done:
+        return []
+    values = [t.values for t in done]
+    ref = pareto.default_reference(values, modes)
+    return [(k, pareto.hypervolume(values[:k], modes, ref)) for k in range(1, len(done) + 1)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LWM baseline at the front's sizes.
+
+
+def baseline_configs(front_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The LWM trials a fair baseline needs: one per distinct front configuration, same keep fraction
+    and the same fine-tuning attack schedule, prune.method=lwm (no score training, so score_init and
+    the prune stage drop out). Rows are `pareto.front_rows` rows (dotted searched keys as columns).
+
+    Returns [{"for_trials": [numbers], "overrides": {dotted key: value}}], in the rows' order; a row
+    without a keep fraction (neither `prune.keep_fraction` nor prunable_kept/prunable_total) is skipped.
+    """
+    out: list[dict[str, Any]] = []
+    seen: dict[tuple, dict[str, Any]] = {}
+    for row in front_rows:
+        if row.get("prune.method") == LWM:
+            continue  # already an LWM trial
+        keep = row.get("prune.keep_fraction")
+        if keep is None and row.get("prunable_total"):
+            keep = float(row["prunable_kept"]) / float(row["prunable_total"])
+        if keep is None:
+            continue
+        overrides = {k: v for k, v in row.items() if "." in k and k.startswith(("prune.", "attack.", "finetune."))
+                     and k not in ("prune.score_init", "prune.method") and not k.startswith(("test.", "final."))}
+        overrides.update({"prune.method": LWM, "prune.keep_fraction": float(keep)})
+        overrides = dict(sorted(overrides.items()))
+        key = tuple((k, repr(v)) for k, v in overrides.items())
+        if key in seen:
+            seen[key]["for_trials"].append(row["trial"])
+            continue
+        entry = {"for_trials": [row["trial"]], "overrides": overrides}
+        seen[key] = entry
+        out.append(entry)
+    return out
+
+
+def set_args(overrides: Mapping[str, Any]) -> str:
+    """`--set k=v` arguments of `study trial` for one baseline config."""
+    return " ".join(f"--set {k}={v:.6g}" if isinstance(v, float) else f"--set {k}={v}" for k, v in overrides.items())

@@ -1,0 +1,207 @@
+"""What the study report reads: the Optuna study, the trial folders, the dense checkpoint's history, an
+optional baselines.json and MLflow run ids. Nothing here writes.
+
+Per trial folder (trials/<n>/): result.json (final metrics, a fallback for Optuna's user attrs),
+model.pt, confirm.json (the test_* figures of a confirmed front model: flat or under "metrics"),
+robustness_final.json (the final robustness suite: curves per threat).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from analysis import pareto
+from analysis.plots import finite
+from analysis.recommend import LWM, Point, Reference, front, hypervolume_history
+
+log = logging.getLogger("analysis.report")
+
+CONFIRM_FILE = "confirm.json"  # the test_* figures of a confirmed front model
+FINAL_FILE = "robustness_final.json"  # the final robustness suite of a front model
+BASELINES_FILE = "baselines.json"  # optional: [{method, keep_fraction, params_kept, val_robust_acc, val_clean_acc}]
+SIZE_TOTALS = {"params_kept": "params_total", "prunable_kept": "prunable_total", "sparse_bytes": "dense_bytes"}
+
+
+class ReportError(ValueError):
+    """The study cannot be reported (e.g. no size or no robustness objective)."""
+
+
+@dataclass
+class ReportData:
+    name: str
+    objectives: list[str]
+    modes: list[str]
+    size_metric: str
+    robust_metric: str
+    points: list[Point]
+    front: list[Point]
+    counts: dict[str, int]
+    dense: Reference | None = None
+    baselines: list[Reference] = field(default_factory=list)
+    baseline_source: str = ""
+    hv_history: list[tuple[int, float]] = field(default_factory=list)
+    curves: dict[int, dict[str, tuple[list[float], list[float], str]]] = field(default_factory=dict)
+
+
+SIZE_METRICS = ("params_kept", "sparse_bytes", "prunable_kept")
+
+
+def axes_of(objectives: Sequence[str], modes: Sequence[str]) -> tuple[str, str]:
+    """The size objective (a minimized size metric, else the first minimized objective) and the
+    robustness objective (the first maximized one naming robustness, else the first maximized)."""
+    mins = [m for m, d in zip(objectives, modes) if d == "min"]
+    maxs = [m for m, d in zip(objectives, modes) if d == "max"]
+    if not mins or not maxs:
+        raise ReportError(f"the report needs a minimized size and a maximized robustness objective; "
+                          f"the study has {list(zip(objectives, modes))}")
+    size = next((m for m in mins if m in SIZE_METRICS), mins[0])
+    robust = next((m for m in maxs if "robust" in m or m.startswith(("auc.", "scenario."))), maxs[0])
+    return size, robust
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _trial_folder(root: Path, number: int) -> Path:
+    return root / "trials" / f"{number:04d}"
+
+
+def confirmed_figures(folder: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """test_* figures of a trial: Optuna user attrs, overridden by confirm.json (flat, or under "metrics")."""
+    out = {k: v for k, v in attrs.items() if k.startswith("test_")}
+    data = _json(folder / CONFIRM_FILE) or {}
+    for source in (data, data.get("metrics") if isinstance(data.get("metrics"), dict) else {}):
+        out.update({k: v for k, v in source.items() if k.startswith("test_")})
+    return out
+
+
+def trial_point(t: Any, root: Path, objectives: Sequence[str], size: str, robust: str, default_method: str,
+                run_ids: Mapping[int, str] = {}) -> Point:
+    folder = _trial_folder(root, t.number)
+    attrs = dict(t.user_attrs)
+    result = _json(folder / "result.json") or {}
+    for k, v in (result.get("metrics") or {}).items():
+        attrs.setdefault(k, v)
+    values = {**attrs, **dict(zip(objectives, t.values))}
+    total = values.get(SIZE_TOTALS.get(size, ""))
+    clean = values.get("val_clean_acc")
+    model = folder / "model.pt"
+    return Point(trial=t.number, size=float(values[size]), robust=float(values[robust]),
+                 clean=float(clean) if finite(clean) else None,
+                 total=float(total) if finite(total) and total > 0 else None,
+                 params=dict(t.params), method=str(t.params.get("prune.method", default_method)),
+                 run_id=str(attrs.get("mlflow_run_id") or run_ids.get(t.number, "")),
+                 model_path=str(model) if model.is_file() else "", test=confirmed_figures(folder, attrs))
+
+
+def dense_reference(root: Path, space: Any, total: float | None) -> Reference | None:
+    """The dense model's last pretraining epoch (val_robust_acc / val_clean_acc with the cheap per-epoch
+    budget), from its checkpoint's history; None when there is no readable checkpoint with one."""
+    cfg = space.base_config()
+    key = cfg.pretrain_key()
+    candidates = [Path(cfg.pretrained)] if cfg.pretrained else []
+    if "cache_dir" in space.trial:
+        candidates.append(Path(cfg.cache_dir) / f"{key}.pt")
+    candidates.append(root / "pretrained" / f"{key}.pt")
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return None
+    try:
+        import torch
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a checkpoint we can read: the report goes on without the dense figure
+        log.warning("report: cannot read the dense checkpoint %s (%s); no dense reference", path, e)
+        return None
+    history = ckpt.get("history") if isinstance(ckpt, dict) else None
+    last = next((h for h in reversed(history or []) if isinstance(h, dict) and finite(h.get("val_robust_acc"))), None)
+    if last is None:
+        return None
+    clean = last.get("val_clean_acc")
+    return Reference(label="dense model (last pretraining epoch, per-epoch val budget)",
+                     size=float(total) if total else float("nan"), robust=float(last["val_robust_acc"]),
+                     clean=float(clean) if finite(clean) else None, method="dense")
+
+
+def read_baselines(root: Path, size: str, robust: str) -> list[Reference]:
+    """baselines.json in the study folder: a list of {method, keep_fraction, params_kept, val_robust_acc,
+    val_clean_acc}; entries lacking the two axes are skipped with a warning."""
+    path = root / BASELINES_FILE
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("report: %s unreadable (%s); ignored", path, e)
+        return []
+    out = []
+    for row in rows if isinstance(rows, list) else []:
+        s, r = (row.get(size, row.get("params_kept")), row.get(robust, row.get("val_robust_acc"))) if isinstance(row, dict) else (None, None)
+        if not (finite(s) and finite(r)):
+            log.warning("report: %s: entry %r lacks %s / %s; skipped", path, row, size, robust)
+            continue
+        method = str(row.get("method", LWM))
+        out.append(Reference(label=f"{method.upper()} baseline ({BASELINES_FILE})", size=float(s), robust=float(r),
+                             clean=row.get("val_clean_acc"), method=method, keep_fraction=row.get("keep_fraction")))
+    return out
+
+
+def final_curves(folder: Path) -> dict[str, tuple[list[float], list[float], str]]:
+    data = _json(folder / FINAL_FILE) or {}
+    curves = (data.get("report") or {}).get("curves") or {}
+    return {t: (list(c["eps"]), list(c["robust_acc"]), str(c.get("unit", ""))) for t, c in curves.items()
+            if isinstance(c, dict) and c.get("eps") and len(c.get("robust_acc") or []) == len(c["eps"])}
+
+
+def mlflow_run_ids(tracker: Any, study: str, parent_run_id: str) -> dict[int, str]:
+    """Optuna number -> nested MLflow run id, for trials whose Optuna record lacks the link."""
+    if tracker is None or not parent_run_id:
+        return {}
+    try:
+        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=
+                                          f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.study = '{study}'")
+    except Exception as e:
+        log.warning("report: cannot read MLflow runs (%s)", e)
+        return {}
+    return {int(r.data.tags["optuna_trial_number"]): r.info.run_id for r in runs
+            if str(r.data.tags.get("optuna_trial_number", "")).lstrip("-").isdigit()}
+
+
+def collect(root: Path, optuna_study: Any, space: Any, run_ids: Mapping[int, str] = {}) -> ReportData:
+    from optuna.trial import TrialState
+
+    objectives = list(optuna_study.metric_names or space.study.metrics)
+    modes = ["max" if d.name == "MAXIMIZE" else "min" for d in optuna_study.directions]
+    size, robust = axes_of(objectives, modes)
+    trials = optuna_study.get_trials(deepcopy=False)
+    complete = pareto.complete_trials(optuna_study)
+    default_method = str((space.trial.get("prune") or {}).get("method", "hydra"))
+    points = [trial_point(t, root, objectives, size, robust, default_method, run_ids) for t in complete]
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    data = ReportData(space.study.name, objectives, modes, size, robust, points, front(points), counts)
+    total = next((p.total for p in points if p.total), None)
+    data.dense = dense_reference(root, space, total)
+    lwm = [p for p in points if p.method == LWM]
+    if lwm and len(lwm) < len(points):
+        data.baselines = [Reference("LWM trials of this study", p.size, p.robust, p.clean, LWM,
+                                    p.params.get("prune.keep_fraction")) for p in front(lwm)]
+        data.baseline_source = "the study's LWM trials (their own front)"
+    elif not lwm:
+        data.baselines = read_baselines(root, size, robust)
+        data.baseline_source = BASELINES_FILE if data.baselines else ""
+    data.hv_history = hypervolume_history(complete, modes)
+    for p in data.front:
+        c = final_curves(_trial_folder(root, p.trial))
+        if c:
+            data.curves[p.trial] = c
+    return data
+
+
