@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 from analysis import pareto, plots
 from analysis.recommend import Point, baseline_configs, best_at_compression, knee, set_args, smallest_within
 from analysis.report_data import BASELINES_FILE, ReportData, collect, mlflow_run_ids
+from study.keys import study_run_key
 
 log = logging.getLogger("analysis.report")
 
@@ -301,7 +302,7 @@ def _parent_run(tracker: Any, study: str) -> str:
     if tracker is None:
         return ""
     try:
-        run = tracker.find_run({"study": study, "run_role": "study"})
+        run = tracker.find_run(study_run_key(study))
     except Exception as e:
         log.warning("report: cannot read MLflow (%s)", e)
         return ""
@@ -313,7 +314,7 @@ def log_report(tracker: Any, run_id: str, folder: Path, metrics: Mapping[str, fl
     """The report's files as artifacts (report/...) of the parent run, its summary as metrics and tags,
     and the experiment's and the run's description. A tracking store that refuses loses the MLflow
     copy, not the report."""
-    from study.tracking import NOTE_TAG, describe_experiment, study_description
+    from study.search.tracking import NOTE_TAG, describe_experiment, study_description
 
     settings = dataclasses.asdict(space.study)
     best = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("best_"))

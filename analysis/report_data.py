@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from analysis import pareto
+from study.keys import NUMBER_KEY
 from analysis.plots import finite
 from analysis.recommend import LWM, Point, Reference, front, hypervolume_history
 
@@ -171,8 +172,8 @@ def mlflow_run_ids(tracker: Any, study: str, parent_run_id: str) -> dict[int, st
     except Exception as e:
         log.warning("report: cannot read MLflow runs (%s)", e)
         return {}
-    return {int(r.data.tags["optuna_trial_number"]): r.info.run_id for r in runs
-            if str(r.data.tags.get("optuna_trial_number", "")).lstrip("-").isdigit()}
+    return {int(r.data.tags[NUMBER_KEY]): r.info.run_id for r in runs
+            if str(r.data.tags.get(NUMBER_KEY, "")).lstrip("-").isdigit()}
 
 
 def collect(root: Path, optuna_study: Any, space: Any, run_ids: Mapping[int, str] = {}) -> ReportData:

@@ -31,7 +31,7 @@ def parse_eps(text: str) -> list[float]:
 
 
 def load(path: Path, arch: str, info, width: int, device: torch.device) -> nn.Module:
-    from study.models import create_model
+    from study.trial.models import create_model
     model = create_model(arch, info, width)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt)
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{t}", default=default, help=f"comma-separated eps (fractions allowed); '' skips {t}")
     a = p.parse_args(argv)
 
-    from study.config import DataConfig
-    from study.data import load_dataset
+    from study.trial.config import DataConfig
+    from study.trial.data import load_dataset
     from study.robustness import EvalBudget, evaluate_robustness
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

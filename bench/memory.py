@@ -5,7 +5,7 @@
 One process per row, so each peak is that row's alone: a PGD-10 training step of this project's loop per
 (arch, stage) at the throughput benchmark's batch (a trial's peak is its training step's: each attack
 step frees its graph before the next, and evaluation runs without parameter gradients), and one whole
-quickstart trial (`study.pipeline.run_trial`, pretraining included). On CPU, RSS includes the Python
+quickstart trial (`study.trial.pipeline.run_trial`, pretraining included). On CPU, RSS includes the Python
 process itself; the baseline column is the same process's RSS after its imports.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ def trial_child(spec: dict[str, Any]) -> dict[str, Any]:
     base = common.rss_peak_bytes()
     import torch
 
-    from study.pipeline import run_trial
-    from study.space import load_space
+    from study.trial.pipeline import run_trial
+    from study.search.space import load_space
 
     base = max(base, common.rss_peak_bytes())
     device = spec["device"]

@@ -2,10 +2,10 @@
 
     python -m bench.study_overhead [--trials 3] [--space search_spaces/quickstart.yaml]
 
-1. Ray start-up: `study.runner.start_ray` timed on its own (reported separately, paid once per study).
-2. The study: `study.runner.run_study` of N trials, one at a time (max_concurrent 1), with Ray already up:
+1. Ray start-up: `study.search.ray_cluster.start_ray` timed on its own (reported separately, paid once per study).
+2. The study: `study.search.runner.run_study` of N trials, one at a time (max_concurrent 1), with Ray already up:
    pretraining as a Ray task, Tune trials, Optuna asks/tells, MLflow runs, checkpoints, the Pareto report.
-3. The same work as plain calls in this process: `study.pipeline.pretrain` once, then `run_trial` for
+3. The same work as plain calls in this process: `study.trial.pipeline.pretrain` once, then `run_trial` for
    each config the study ran (read back from its Optuna storage), same torch thread count.
 overhead = study wall - plain wall; per trial it is a constant, so the table also projects the fraction
 for trials of a minute (the target: < 5% for trials of a minute or more).
@@ -34,10 +34,11 @@ def measure(space_file: str, n_trials: int, threads: int, workdir: Path, log: Ca
             trial_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
-    from study import runner
-    from study.pipeline import pretrain, run_trial
-    from study.space import load_space
-    from study.trainable import NUMBER_KEY, build_config
+    from study.search import layout, optuna_search, ray_cluster, runner
+    from study.trial.pipeline import pretrain, run_trial
+    from study.search.space import load_space
+    from study.keys import NUMBER_KEY
+    from study.search.trainable import build_config
 
     overrides = {"study.name": "bench_overhead", "study.n_trials": n_trials, "study.max_concurrent": 1,
                  "study.cpus_per_trial": threads, "study.gpus_per_trial": "auto", **(trial_overrides or {})}
@@ -45,7 +46,7 @@ def measure(space_file: str, n_trials: int, threads: int, workdir: Path, log: Ca
     runs = workdir / "runs"
 
     t0 = time.perf_counter()
-    runner.start_ray(num_cpus=max(threads, os.cpu_count() or 1))
+    ray_cluster.start_ray(num_cpus=max(threads, os.cpu_count() or 1))
     ray_start = time.perf_counter() - t0
     log(f"  Ray start-up {ray_start:.1f}s")
 
@@ -62,9 +63,9 @@ def measure(space_file: str, n_trials: int, threads: int, workdir: Path, log: Ca
     ray.shutdown()
     ray_stop = time.perf_counter() - t0
 
-    paths = runner.study_paths(runs, space.study.name)
-    manifest = runner.Manifest.load(paths.manifest)
-    study = runner.load_optuna_study(manifest.storage, space.study.name)
+    paths = layout.study_paths(runs, space.study.name)
+    manifest = layout.Manifest.load(paths.manifest)
+    study = optuna_search.load_optuna_study(manifest.storage, space.study.name)
     trials = sorted((t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
                     key=lambda t: t.number)
     fixed = {"name": "bench_plain", "cache_dir": str(workdir / "plain" / "pretrained"),
@@ -99,8 +100,8 @@ def table(r: dict[str, Any], machine: common.Machine) -> common.Table:
     notes = [
         f"`{r['space']}` with study.n_trials={r['n_trials']}, max_concurrent=1, cpus_per_trial={r['threads']}"
         + "".join(f", {k}={v}" for k, v in r.get("overrides", {}).items()) + ": "
-        "the study = study.runner.run_study (pretraining Ray task, Tune + OptunaSearch, MLflow sqlite tracking, "
-        "per-epoch checkpoints, Pareto report) with Ray already started; plain = study.pipeline.pretrain + run_trial "
+        "the study = study.search.runner.run_study (pretraining Ray task, Tune + OptunaSearch, MLflow sqlite tracking, "
+        "per-epoch checkpoints, Pareto report) with Ray already started; plain = study.trial.pipeline.pretrain + run_trial "
         "per trial config in one process, same torch threads.",
         "The overhead per trial is roughly constant (Ray worker start, imports, checkpoint and MLflow writes), "
         "so its share falls with trial length; the projection is overhead per trial / (60 s + it). "

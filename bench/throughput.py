@@ -3,9 +3,9 @@
     python -m bench.throughput [--device cpu|cuda] [--archs resnet18,vgg16_bn] [--stages prune,finetune]
 
 Same architecture (the real resnet18 / vgg16_bn at 32x32, CIFAR-10 shapes), same synthetic batch, same
-PGD-10 (eps 8/255, step 2/255), same keep fraction. Ours = `study.engine.train_epoch` with
+PGD-10 (eps 8/255, step 2/255), same keep fraction. Ours = `study.trial.engine.train_epoch` with
 `make_loss("pgd")` and `resolve_runtime("auto", "auto")` (bf16 + channels_last on CUDA, fp32 on CPU),
-HYDRA masked layers from `study.pruning`; optionally `torch.compile` (CUDA only) as its own row.
+HYDRA masked layers from `study.trial.pruning`; optionally `torch.compile` (CUDA only) as its own row.
 Reference = `bench.reference` (sort-based top-k on every forward, backward over parameters inside the
 attack, fp32 eager). Every row runs in its own process (clean allocator, clean peak memory).
 
@@ -63,14 +63,14 @@ def synthetic_batch(spec: Spec, info: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _base_model(spec: Spec, info: Any) -> nn.Module:
-    from study.models import create_model
+    from study.trial.models import create_model
 
     torch.manual_seed(spec.seed)
     return create_model(spec.arch, info, width=spec.width).to(spec.device)
 
 
 def set_trainable(model: nn.Module, *, weights: bool, scores: bool, bn: bool) -> None:
-    """The pipeline's freezing per stage (study.pipeline._set_trainable, restated for the benchmark)."""
+    """The pipeline's freezing per stage (study.trial.pipeline._set_trainable, restated for the benchmark)."""
     for module in model.modules():
         is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         for name, p in module.named_parameters(recurse=False):
@@ -79,7 +79,7 @@ def set_trainable(model: nn.Module, *, weights: bool, scores: bool, bn: bool) ->
 
 def prepare_ours(model: nn.Module, stage: str) -> Callable[[], None] | None:
     """Make `model` what the pipeline trains in `stage`; returns the after-step hook (prune stage)."""
-    from study import pruning
+    from study.trial import pruning
 
     if stage == "dense":
         return None
@@ -99,9 +99,9 @@ def prepare_ours(model: nn.Module, stage: str) -> Callable[[], None] | None:
 
 def ours_runner(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[int], None]:
     """A function running `batches_per_repeat` steps of the project's loop with an n-step attack."""
-    from study.attacks import AttackStrength
-    from study.engine import resolve_runtime, train_epoch
-    from study.losses import make_loss
+    from study.trial.attacks import AttackStrength
+    from study.trial.engine import resolve_runtime, train_epoch
+    from study.trial.losses import make_loss
 
     runtime = resolve_runtime(spec.device, "auto")
     after_step = prepare_ours(model, spec.stage)
@@ -151,7 +151,7 @@ def reference_runner(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Ten
 
 def build(loop: str, spec: Spec, x: torch.Tensor, y: torch.Tensor) -> Callable[[int], None]:
     """The step function of `loop` on a fresh copy of the row's model (same seed, same weights)."""
-    from study.data import dataset_info
+    from study.trial.data import dataset_info
 
     model = _base_model(spec, dataset_info("cifar10"))
     if loop == "reference":
@@ -165,7 +165,7 @@ def build(loop: str, spec: Spec, x: torch.Tensor, y: torch.Tensor) -> Callable[[
 
 def measure(spec: Spec) -> dict[str, Any]:
     """Time every loop of one row in this process: seconds per step, images/s (and peak memory)."""
-    from study.data import dataset_info
+    from study.trial.data import dataset_info
 
     base_mem = common.rss_peak_bytes()  # after the imports, before any model or batch
     x, y = synthetic_batch(spec, dataset_info("cifar10"))
@@ -197,8 +197,8 @@ def forward_flops(arch: str, width: int = 0) -> float:
     """FLOPs of one forward pass of one 32x32 image (torch's FLOP counter; 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from study.data import dataset_info
-    from study.models import create_model
+    from study.trial.data import dataset_info
+    from study.trial.models import create_model
 
     info = dataset_info("cifar10")
     model = create_model(arch, info, width=width)
@@ -258,7 +258,7 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
         "prune = HYDRA score training (weights and BatchNorm frozen, masks refreshed after each optimizer step); "
         "finetune = fixed mask, weights train; dense = plain model.",
         "reference = sort-based top-k on every forward, loss.backward() over parameters inside the attack, fp32 eager "
-        "(bench/reference.py); ours = study.engine.train_epoch + make_loss('pgd') + resolve_runtime('auto','auto')"
+        "(bench/reference.py); ours = study.trial.engine.train_epoch + make_loss('pgd') + resolve_runtime('auto','auto')"
         + (" (bf16 autocast, channels_last)" if cuda else " (fp32)") + ".",
         f"TFLOP/s = images/s x (2K+3) F with K={STEPS} and F per image from torch's FLOP counter ("
         + ", ".join(f"{a} {f / 1e9:.2f} GFLOP" for a, f in flops.items())

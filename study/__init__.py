@@ -1,3 +1,12 @@
-"""Pruned, adversarially robust networks: one trial (study.pipeline) and the distributed study (study.runner)."""
+"""Pruned, adversarially robust networks: one trial (study.trial) and the distributed study (study.search).
+
+    study.trial        the trial's science: config, data, models, pruning, attacks, losses, engine, pipeline
+    study.search       the search machinery: space, samplers, Optuna, Tune trainable, runner, MLflow
+    study.robustness   the robustness evaluation suite (`study evaluate`)
+    study.cli          the one command line (argparse)
+"""
+from study import _legacy
 
 __version__ = "0.1.0"
+
+_legacy.install()  # old module paths (study.runner, study.space, ...) for studies of the previous layout

@@ -1,7 +1,9 @@
-"""`study run | resume | report | trial | pretrain | evaluate`.
+"""`study run | resume | report | trial | pretrain | evaluate`: the one command line.
 
-A user mistake (bad YAML, unknown key, out-of-range value, unknown name, missing data) prints one line
-naming the file, the key and the valid choices, and exits with status 2 before anything starts.
+Every flag of every command is declared here; each command's body is a function of its module taking
+plain arguments (study.search.runner.run_study, study.robustness.command.evaluate_command, ...). A user
+mistake (bad YAML, unknown key, out-of-range value, unknown name, missing data) prints one line naming
+the file, the key and the valid choices, and exits with status 2 before anything starts.
 """
 from __future__ import annotations
 
@@ -10,19 +12,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from study.config import ConfigError, TrialConfig, load_trial, parse_overrides
+from study.errors import ConfigError, UserError
+from study.trial.config import TrialConfig, load_trial, parse_overrides
 
 USER_ERROR = 2
-
-
-class UserError(Exception):
-    """Anything the user can fix by changing a command line, a file or a folder."""
+DEFAULT_SPACE = "search_spaces/quickstart.yaml"
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from study.data import DataError
+    from study.trial.data import DataError
 
     return (ConfigError, UserError, DataError)
 
@@ -40,9 +40,10 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     """One chosen model: train it, print its validation figures, then (once) its TEST figures."""
-    from study import robust_eval
-    from study.evaluation import step_text
-    from study.pipeline import run_trial
+    from study.search import front_files, robust_eval
+    from study.search.robust_settings import ConfirmSettings
+    from study.trial.evaluation import step_text
+    from study.trial.pipeline import run_trial
 
     cfg = _trial_config(args)
     out = Path(args.output or Path(cfg.output_dir) / cfg.name)
@@ -67,10 +68,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if args.no_test:
         return 0
     # The test split, for this one chosen model: the trial's eval budget (its strong PGD), AutoAttack on request.
-    settings = robust_eval.ConfirmSettings(points=e.points, steps=e.steps, restarts=e.restarts, step_size=e.step_size,
+    settings = ConfirmSettings(points=e.points, steps=e.steps, restarts=e.restarts, step_size=e.step_size,
                                            autoattack=args.autoattack, seed=e.seed)
     payload = robust_eval.confirm(cfg, result.model_state, settings)
-    path = robust_eval.save_confirm(out, payload)
+    path = front_files.save_confirm(out, payload)
     t = payload["metrics"]
     print(f"\nTEST figures of this model (test split; report these, not the val_* ones):\n  attack: {payload['test_attack']}")
     rows = [("test clean accuracy", f"{t['test_clean_acc']:.4f}"), ("test PGD accuracy", f"{t['test_pgd_acc']:.4f}")]
@@ -86,7 +87,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from study.pipeline import pretrain
+    from study.trial.pipeline import pretrain
 
     cfg = _trial_config(args)
     print(pretrain(cfg))
@@ -97,6 +98,126 @@ def _add_trial_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a trial config or search-space YAML file (its trial: section is used)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set prune.keep_fraction=0.05 (repeatable)")
+
+
+# --- run, resume, report: study.search.runner ------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs-dir", default="runs", help="where studies live (default: runs)")
+
+
+def _add_final_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-final-eval", dest="final_eval", action="store_false",
+                   help="skip the test-split evaluation of the Pareto front (study.confirm, and "
+                        "study.robustness.final_budget); `study resume <name>` runs it later")
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+
+
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    _add_final_eval(p)
+    _add_common(p)
+    _add_ray(p)
+
+
+def _add_study_commands(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a study: Ray Tune trials searched by Optuna, recorded in MLflow")
+    p.add_argument("space", nargs="?", default=DEFAULT_SPACE, help=f"search-space file (default: {DEFAULT_SPACE})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a value of the file, e.g. --set study.n_trials=4 --set trial.finetune.epochs=2")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<runs-dir>/mlflow.db)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL or journal file (default: the file's "
+                   "study.storage, else sqlite:///<runs-dir>/<study>/optuna.db)")
+    p.add_argument("--fresh", action="store_true", help="delete an existing study of the same name first")
+    _add_study_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue an interrupted study (no lost, no duplicated trials)")
+    p.add_argument("name", help="study name (the folder under --runs-dir)")
+    _add_study_flags(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("report", help="print a study's Pareto front and write its pareto.csv")
+    p.add_argument("name", help="study name (the folder under --runs-dir)")
+    p.add_argument("--within-points", type=float, default=1.0, metavar="X",
+                   help="recommend the smallest model within X accuracy points of the dense model's "
+                        "validation robust accuracy (default 1.0)")
+    _add_common(p)
+    p.set_defaults(func=cmd_report)
+
+
+def _exit_code(outcome: Any) -> int:
+    return 0 if outcome.status == "complete" else 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from study.search.runner import run_study
+    from study.search.space import load_space
+
+    space = load_space(args.space, parse_overrides(args.set or []))
+    return _exit_code(run_study(space, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, storage=args.storage,
+                                fresh=args.fresh, address=args.address, num_cpus=args.num_cpus,
+                                final_eval=args.final_eval))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from study.search.runner import resume_study
+
+    return _exit_code(resume_study(args.name, runs_dir=args.runs_dir, address=args.address, num_cpus=args.num_cpus,
+                                   final_eval=args.final_eval))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from study.search.runner import report_study
+
+    if not 0 <= args.within_points <= 100:
+        raise ConfigError("--within-points", f"{args.within_points:g} is out of range; must be in [0, 100]")
+    report_study(args.name, runs_dir=args.runs_dir, within_points=args.within_points)
+    return 0
+
+
+# --- evaluate: study.robustness.command -------------------------------------------------------------
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="robustness curves (Linf/L2/L0), AutoAttack and sanity checks of a trial",
+                       description="the robustness suite on a finished trial, from its folder, checkpoint or MLflow run")
+    p.add_argument("target", help="trial output folder, its model.pt, or an MLflow run id (runs:/<id>)")
+    p.add_argument("--threats", default="linf,l2,l0", help="comma-separated, among linf,l2,l0 (default: all)")
+    p.add_argument("--eps", action="append", metavar="THREAT=E,E,...",
+                   help="eps list of one threat (repeatable), e.g. linf=0,0.05,0.1 or linf=0,8/255; units: linf "
+                        "pixel intensity in [0,1], l2 norm over all C*H*W values, l0 pixels. Default: from the "
+                        "trial's eps (linf 0, eps/2, eps, 2eps, 4eps; l2 the same multiples of eps*sqrt(CHW)/4; "
+                        "l0 0,1,2,5,10,20 pixels)")
+    p.add_argument("--autoattack", action="store_true",
+                   help="standard AutoAttack beside PGD at the trial's Linf eps and its matched L2 radius")
+    p.add_argument("--autoattack-eps", action="append", metavar="THREAT=E,E,...",
+                   help="where AutoAttack runs instead (linf/l2, repeatable; implies --autoattack)")
+    p.add_argument("--points", type=int, default=512, help="test points evaluated (seeded choice; default 512)")
+    p.add_argument("--steps", type=int, default=50, help="iterations of every gradient attack (default 50)")
+    p.add_argument("--restarts", type=int, default=2, help="random restarts (default 2)")
+    p.add_argument("--square-queries", type=int, default=1000, help="queries of Square / Sparse-RS (default 1000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seeds the points, random starts and queries")
+    p.add_argument("--reference", metavar="DENSE_TARGET", help="a dense trial (same forms as TARGET): transfer "
+                   "attacks crafted on it")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", metavar="OUT", help="write the report (to_dict) and its provenance here")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store of run-id targets (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from study.robustness.command import evaluate_command
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "quiet", "target")}
+    return evaluate_command(args.target, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,11 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trial_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    from study import runner
-    from study.robustness import cli as robustness_cli
-
-    runner.add_commands(sub)  # run, resume, report
-    robustness_cli.add_command(sub)  # evaluate
+    _add_study_commands(sub)  # run, resume, report
+    _add_evaluate(sub)
     return parser
 
 

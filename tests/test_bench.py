@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import common, memory, prune_overhead, reference, run_all, study_overhead, throughput
-from study import pruning
-from study.attacks import AttackStrength, pgd_linf
+from study.trial import pruning
+from study.trial.attacks import AttackStrength, pgd_linf
 
 MACHINE = common.Machine(cpu="test cpu", cores=2, torch_threads=2, torch="x", python="3", device="cpu",
                          matmul_dtype="float32", matmul_tflops=0.1)

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import ROOT
 import yaml
 
 ray = pytest.importorskip("ray")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 AWS_FILE = ROOT / "cluster.yaml"
 LOCAL_FILE = ROOT / "cluster-local.yaml"
 BOTH = [AWS_FILE, LOCAL_FILE]

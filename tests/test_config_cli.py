@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from study import cli
-from study.config import ConfigError, TrialConfig, load_trial, trial_from_dict
+from study.trial.config import ConfigError, TrialConfig, load_trial, trial_from_dict
 
 GOOD = textwrap.dedent("""\
     name: t

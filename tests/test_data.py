@@ -12,9 +12,9 @@ import pytest
 import scipy.io
 import torch
 
-from study import data as data_mod
-from study.config import DataConfig
-from study.data import DATASETS, DataError, DataNotFoundError, batches, crop_flip, load_dataset
+from study.trial import data as data_mod
+from study.trial.config import DataConfig
+from study.trial.data import DATASETS, DataError, DataNotFoundError, batches, crop_flip, load_dataset
 
 N_TRAIN, N_TEST = 50, 20
 

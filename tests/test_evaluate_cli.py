@@ -8,24 +8,16 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_trial
 
-from study import pipeline
+from study.trial import pipeline
 from study.cli import main
-from study.config import trial_from_dict
-from study.data import DatasetInfo
-from study.robustness.cli import default_eps, matched_l2
+from study.trial.config import trial_from_dict
+from study.trial.data import DatasetInfo
+from study.robustness.command import default_eps, matched_l2
 
-TINY = {
-    "name": "tiny_eval",
-    "seed": 3,
-    "data": {"name": "digits", "batch_size": 64, "train_limit": 400, "val_fraction": 0.1},
-    "model": {"arch": "small_cnn", "width": 8},
-    "pretrain_attack": {"loss": "pgd", "eps": 0.1, "steps": 3, "step_size": 0.4},
-    "attack": {"loss": "pgd", "eps": 0.1, "steps": 3, "step_size": 0.4},
-    "pretrain": {"epochs": 2, "lr": 0.05},
-    "prune": {"method": "dense"},
-    "eval": {"steps": 3, "points": 64, "val_points": 64, "val_steps": 2},
-}
+TINY = tiny_trial(name="tiny_eval", pretrain={"epochs": 2, "lr": 0.05}, prune={"method": "dense"},
+                  prune_stage=None, finetune=None, eval={"steps": 3, "points": 64, "val_points": 64, "val_steps": 2})
 FAST = ["--points", "64", "--steps", "4", "--restarts", "1", "--square-queries", "40", "--threads", "1"]
 
 

@@ -1,4 +1,4 @@
-"""study.evaluation.evaluate against a model whose robust accuracy is known by construction.
+"""study.trial.evaluation.evaluate against a model whose robust accuracy is known by construction.
 
 The model is linear on two pixels: class 1 iff x0 + x1 > 1. Its Linf distance to the boundary is
 |x0 + x1 - 1| / 2 (the L1 norm of its weight direction is 2), so a correctly classified point can be
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from study import evaluation
+from study.trial import evaluation
 
 SCALE = 5.0  # logit gap 2 * SCALE * (x0 + x1 - 1): large enough to decide, small enough not to saturate CE
 DISTANCES = (0.02, 0.045, 0.07, 0.095, 0.13, 0.17, 0.23, 0.3)  # Linf distances to the boundary

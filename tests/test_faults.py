@@ -53,7 +53,7 @@ def killing_trial(cfg, *, on_epoch=None, resume_state=None, victim: int, after_s
     """The real pipeline; Optuna trial `victim` SIGKILLs its own process (once: `marker`) while it trains the
     epoch after step `after_step`, i.e. after that step's checkpoint was reported. Every start appends a
     line to `log`: number, pid and what the resume state held."""
-    from study import pipeline
+    from study.trial import pipeline
 
     number = int(cfg.name.rsplit("-", 1)[1])
     state = resume_state or {}
@@ -80,8 +80,8 @@ def drive_with_a_killed_trial(space_file: str, runs: str, address: str, marker: 
     """Driver process body: `study run` with `killing_trial`, shipped to the workers by value."""
     import ray
 
-    from study import runner
-    from study.space import load_space
+    from study.search import runner
+    from study.search.space import load_space
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     trial = functools.partial(killing_trial, victim=0, after_step=2, marker=marker, log=log)

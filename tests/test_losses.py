@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study import losses
-from study.attacks import AttackStrength, pgd_linf
-from study.losses import make_loss
+from study.trial import losses
+from study.trial.attacks import AttackStrength, pgd_linf
+from study.trial.losses import make_loss
 
 
 def data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +25,7 @@ def mlp(seed: int = 0, bn: bool = False, sharp: float = 1.0) -> nn.Module:
 
 
 class Spy:
-    """Wraps study.losses.pgd_linf: records its arguments and result (and what `during` sees meanwhile)."""
+    """Wraps study.trial.losses.pgd_linf: records its arguments and result (and what `during` sees meanwhile)."""
 
     def __init__(self, during=None):
         self.calls: list[dict] = []

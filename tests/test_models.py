@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from study.data import DatasetInfo, dataset_info
-from study.models import ARCHS, Normalize, create_model, prunable_layers
+from study.trial.data import DatasetInfo, dataset_info
+from study.trial.models import ARCHS, Normalize, create_model, prunable_layers
 
 SHAPES = {
     "digits": dataset_info("digits"),  # 1 x 8 x 8
@@ -126,9 +126,9 @@ def test_small_cnn_convs_are_bias_free_and_batch_normalized():
 def test_small_cnn_fine_tunes_from_a_random_90_percent_mask():
     """Without normalization this net stays at chance from a random sparse mask; with BatchNorm a few
     natural epochs take it well above chance (0.1) on digits."""
-    from study import pruning
-    from study.config import DataConfig
-    from study.data import batches, load_dataset
+    from study.trial import pruning
+    from study.trial.config import DataConfig
+    from study.trial.data import batches, load_dataset
 
     sp = load_dataset(DataConfig(name="digits"))
     torch.manual_seed(0)

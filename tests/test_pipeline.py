@@ -5,22 +5,12 @@ import json
 import pytest
 import torch
 
-from study import pipeline, pruning
-from study.config import trial_from_dict
+from conftest import TINY_TRIAL
 
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "data": {"name": "digits", "batch_size": 64, "train_limit": 400, "val_fraction": 0.1},
-    "model": {"arch": "small_cnn", "width": 8},
-    "pretrain_attack": {"loss": "pgd", "eps": 0.1, "steps": 3, "step_size": 0.4},
-    "attack": {"loss": "pgd", "eps": 0.1, "steps": 3, "step_size": 0.4},
-    "pretrain": {"epochs": 3, "lr": 0.05},
-    "prune": {"method": "hydra", "keep_fraction": 0.2, "score_init": "ssi"},
-    "prune_stage": {"epochs": 2, "lr": 0.1},
-    "finetune": {"epochs": 2, "lr": 0.01},
-    "eval": {"steps": 5, "points": 200, "val_points": 100, "val_steps": 3},
-}
+from study.trial import pipeline, pruning
+from study.trial.config import trial_from_dict
+
+TINY = TINY_TRIAL
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from study import pipeline, pruning
-from study.config import DataConfig, PruneConfig, trial_from_dict
-from study.data import dataset_info, load_dataset
-from study.models import create_model
-from study.pruning import SCORE_INITS, SnipBatch
+from study.trial import pipeline, pruning
+from study.trial.config import DataConfig, PruneConfig, trial_from_dict
+from study.trial.data import dataset_info, load_dataset
+from study.trial.models import create_model
+from study.trial.pruning import SCORE_INITS, SnipBatch
 
 
 def tiny_net() -> nn.Module:
@@ -105,13 +105,20 @@ def test_ties_still_keep_exactly_k(scope, expected):
     assert (counts if scope == "layer" else (sum(counts),)) == expected
 
 
-def test_top_k_ranks_magnitudes_not_signed_scores_hand_example():
+def _hand_example():
+    """One 4 -> 2 linear layer with hand-set weights and signed scores, masks refreshed for keep 0.5
+    per layer (k = 4 of 8: |s| = 5, 4, 3, 2)."""
     model = pruning.make_prunable(nn.Sequential(nn.Linear(4, 2, bias=False)))
     layer = model[0]
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 6.0, -7.0, 8.0]]))
         layer.scores.copy_(torch.tensor([[-5.0, 1.0, -0.5, 4.0], [0.0, -3.0, 2.0, 0.1]]))
-    pruning.refresh_masks(model, 0.5, "layer")  # k = 4 of 8: |s| = 5, 4, 3, 2
+    pruning.refresh_masks(model, 0.5, "layer")
+    return model, layer
+
+
+def test_top_k_ranks_magnitudes_not_signed_scores_hand_example():
+    model, layer = _hand_example()
     assert torch.equal(layer.mask, torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]]))
     # global: 3 of 7 (round(2.8)) -> |s| 5, 4, 3; signed ranking would keep 3, 2, 1
     a, b = torch.tensor([-5.0, 1.0, 0.5]), torch.tensor([[-4.0, 2.0], [-0.1, 3.0]])
@@ -122,12 +129,7 @@ def test_top_k_ranks_magnitudes_not_signed_scores_hand_example():
 
 def test_score_gradient_is_sign_times_weight_times_upstream_hand_example():
     """HYDRA: w_eff = w * GetSubnet(|s|), identity backward => dL/ds = sign(s) * w * dL/dw_eff."""
-    model = pruning.make_prunable(nn.Sequential(nn.Linear(4, 2, bias=False)))
-    layer = model[0]
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 6.0, -7.0, 8.0]]))
-        layer.scores.copy_(torch.tensor([[-5.0, 1.0, -0.5, 4.0], [0.0, -3.0, 2.0, 0.1]]))
-    pruning.refresh_masks(model, 0.5, "layer")
+    model, layer = _hand_example()
     pruning.set_mode(model, "scores")
     layer.weight.requires_grad_(False)
     layer.scores.requires_grad_(True)
@@ -477,8 +479,8 @@ def digits():
 
 
 def _fit(model, sp, loss_fn, strength, stage, generator, after_step=None):
-    from study.data import batches
-    from study.engine import Runtime, make_optimizer, make_scheduler, train_epoch
+    from study.trial.data import batches
+    from study.trial.engine import Runtime, make_optimizer, make_scheduler, train_epoch
 
     runtime = Runtime(torch.device("cpu"), bf16=False, channels_last=False)
     opt = make_optimizer(model.parameters(), stage)
@@ -492,9 +494,9 @@ def test_hydra_prune_stage_lowers_the_robust_loss_of_its_mask_below_lwm(digits):
     """PGD-AT dense small_cnn -> HYDRA (ssi init = the LWM mask) trains scores only (weights and BatchNorm
     frozen, so only the mask changes); the robust loss of the learned mask, on the same fixed batches
     under the same fixed-seed PGD, ends clearly below the LWM mask's."""
-    from study.attacks import AttackStrength
-    from study.config import StageConfig
-    from study.losses import make_loss
+    from study.trial.attacks import AttackStrength
+    from study.trial.config import StageConfig
+    from study.trial.losses import make_loss
 
     sp = digits
     loss_fn = make_loss("pgd")

@@ -18,16 +18,16 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from conftest import QUICKSTART
+
 from analysis import pareto, plots, recommend
 from analysis.recommend import Point
 from analysis.report import recommend as recommend_models
 from analysis.report import summary, write_report
 from analysis.report_data import ReportError, axes_of, collect
-from study.space import load_space
-from study.tracking import STAGE_CODES, epoch_record
+from study.search.space import load_space
+from study.search.tracking import STAGE_CODES, epoch_record
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
 OBJECTIVES = {"study.objectives": [{"metric": "params_kept", "mode": "min"}, {"metric": "val_robust_acc", "mode": "max"}]}
 TOTAL = 10_000.0
 DIST = {"prune.keep_fraction": FloatDistribution(0.001, 1.0, log=True),
@@ -378,13 +378,13 @@ def test_epoch_records_carry_the_global_step_and_the_stage():
 
 
 def test_optuna_study_carries_the_objective_names(tmp_path):
-    from study import runner
+    from study.search import optuna_search
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = runner.load_optuna_study(url, "names", _space())
+    study = optuna_search.load_optuna_study(url, "names", _space())
     study.add_trial(_trial(0.1, 0.5))
-    assert runner.load_optuna_study(url, "names").metric_names == ["params_kept", "val_robust_acc"]
-    assert runner.load_optuna_study(url, "names", _space()).metric_names == ["params_kept", "val_robust_acc"]
+    assert optuna_search.load_optuna_study(url, "names").metric_names == ["params_kept", "val_robust_acc"]
+    assert optuna_search.load_optuna_study(url, "names", _space()).metric_names == ["params_kept", "val_robust_acc"]
     cli = Path(sys.executable).with_name("optuna")
     out = subprocess.run([str(cli), "best-trials", "--study-name", "names", "--storage", url, "-f", "json"],
                          capture_output=True, text=True, timeout=120)
@@ -417,7 +417,7 @@ def fake_pretrain(cfg):
 
 def fake_run_trial(cfg, *, on_epoch=None, resume_state=None):
     """Two prune and two finetune epochs; robustness grows with the keep fraction and the eps multiplier."""
-    from study.pipeline import EpochReport
+    from study.trial.pipeline import EpochReport
 
     first = int(resume_state["step"]) + 1 if resume_state else 1
     for step, (stage, epoch) in enumerate([("prune", 1), ("prune", 2), ("finetune", 1), ("finetune", 2)], 1):
@@ -437,7 +437,7 @@ def test_quickstart_study_leaves_the_report_and_its_mlflow_artifacts(tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from study import runner
+    from study.search import layout, optuna_search, runner
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     started = not ray.is_initialized()
@@ -451,9 +451,9 @@ def test_quickstart_study_leaves_the_report_and_its_mlflow_artifacts(tmp_path):
         if started:
             ray.shutdown()
     assert outcome.status == "complete" and outcome.complete == 6
-    paths = runner.study_paths(runs, "quickstart")
-    manifest = runner.Manifest.load(paths.manifest)
-    study = runner.load_optuna_study(manifest.storage, "quickstart")  # read-only, as `study report` opens it
+    paths = layout.study_paths(runs, "quickstart")
+    manifest = layout.Manifest.load(paths.manifest)
+    study = optuna_search.load_optuna_study(manifest.storage, "quickstart")  # read-only, as `study report` opens it
     assert study.metric_names == ["params_kept", "val_robust_acc"]
     tracker = runner.Study(space, paths, manifest).tracker()
     index = write_report(paths.root, study, space, manifest, tracker, within_points=5.0)

@@ -8,11 +8,13 @@ import optuna
 import pytest
 import yaml
 
-from study.config import ConfigError
-from study.robust_eval import CONFIRM_DEFAULT, ConfirmSettings, is_suite_name
-from study.space import OBJECTIVE_METRICS, load_space, parse_space
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+from study.trial.config import ConfigError
+from study.search.robust_settings import CONFIRM_DEFAULT, ConfirmSettings, is_suite_name
+from study.search.objectives import OBJECTIVE_METRICS
+from study.search.space import load_space, parse_space
+
 
 
 def _all_search_space_files() -> list[Path]:
@@ -104,7 +106,7 @@ def test_every_search_space_file_loads_and_samples(path):
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
 def test_every_sampler_runs_the_conditional_space(sampler):
-    from study.runner import make_sampler
+    from study.search.samplers import make_sampler
 
     space = load_space(ROOT / "search_spaces" / "quickstart.yaml",
                        {"study.sampler": sampler, "study.sampler_options": None})

@@ -11,83 +11,22 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
-import time
-from pathlib import Path
 
 import optuna
 import pytest
 import ray
 from optuna.trial import TrialState
 
+from conftest import QUICKSTART, fake_pretrain, fake_run_trial, logging_trial
+
 from analysis import pareto
-from study import runner
-from study.space import load_space
+from study.search import optuna_search, runner
+from study.search.space import load_space
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
-
-# Ray workers cannot import this test module: ship its functions by value.
+# Ray workers cannot import this test module: ship its functions by value (conftest's are shipped too).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-class FakeResult:
-    def __init__(self, metrics):
-        self.metrics = metrics
-
-
-def fake_pretrain(cfg):
-    path = Path(cfg.cache_dir) / f"{cfg.pretrain_key()}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("dense")
-    return path
-
-
-def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), interrupt=None, epochs=2, sleep=0.0):
-    """Made-up but sensible metrics: smaller keep_fraction -> fewer params, lower robust accuracy.
-
-    `fail`/`nan`: Optuna numbers that raise / end with a NaN objective. `interrupt`: (number, driver pid,
-    marker file): that trial sends the driver SIGINT (once) after its first epoch and keeps running.
-    A resumed trial starts after the epoch of its checkpoint (`resume_state["step"]`).
-    """
-    number = int(cfg.name.rsplit("-", 1)[1])
-    assert Path(cfg.cache_dir, f"{cfg.pretrain_key()}.pt").is_file(), "pretraining must come first"
-    time.sleep(sleep)
-    first = int(resume_state["step"]) + 1 if resume_state else 1
-    for step in range(first, epochs + 1):
-        if on_epoch is not None:
-            from study.pipeline import EpochReport
-
-            on_epoch(EpochReport("finetune", step, step, {"train_loss": 1.0 / step, "val_robust_acc": 0.1 * step},
-                                 lambda s=step: {"step": s}))
-        if interrupt and interrupt[0] == number and not Path(interrupt[2]).exists():
-            Path(interrupt[2]).write_text("sent")  # after one epoch: the resumed trial starts from its checkpoint
-            os.kill(interrupt[1], signal.SIGINT)
-            time.sleep(60)
-    if number in fail:
-        raise RuntimeError(f"fake trial {number} failed on purpose")
-    keep = cfg.prune.keep_fraction
-    robust = 0.3 + 0.5 * math.sqrt(keep) * cfg.attack.eps_multiplier / 1.25
-    return FakeResult({"params_kept": round(10000 * keep), "params_total": 10000.0, "compression": 1 / keep,
-                       "val_clean_acc": min(1.0, robust + 0.2),
-                       "val_robust_acc": float("nan") if number in nan else robust,
-                       "sparsity": 1 - keep, "wall_s": 0.1})
-
-
-def logging_trial(cfg, *, log, inner, **kw):
-    """Runs `inner`, first appending '<name> <resume step>' to the file `log` (trials run in workers)."""
-    with open(log, "a") as f:
-        f.write(f"{cfg.name} {(kw.get('resume_state') or {}).get('step', 0)}\n")
-    return inner(cfg, **kw)
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def _space(n_trials=3, concurrent=2, **more):
@@ -209,11 +148,11 @@ def test_time_budget_fails_unfinished_trials_and_ends_the_study(tmp_path):
 
 
 def test_storage_urls(tmp_path):
-    assert type(runner.open_storage(f"journal://{tmp_path}/a.log")).__name__ == "JournalStorage"
-    assert type(runner.open_storage(str(tmp_path / "b.journal"))).__name__ == "JournalStorage"
-    assert type(runner.open_storage(f"sqlite:///{tmp_path}/c.db")).__name__ == "RDBStorage"
+    assert type(optuna_search.open_storage(f"journal://{tmp_path}/a.log")).__name__ == "JournalStorage"
+    assert type(optuna_search.open_storage(str(tmp_path / "b.journal"))).__name__ == "JournalStorage"
+    assert type(optuna_search.open_storage(f"sqlite:///{tmp_path}/c.db")).__name__ == "RDBStorage"
     with pytest.raises(Exception, match="neither a database URL"):
-        runner.open_storage(str(tmp_path / "d.txt"))
+        optuna_search.open_storage(str(tmp_path / "d.txt"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,9 +166,9 @@ def trained_model_trial(cfg, *, on_epoch=None, resume_state=None):
     import torch
     import torch.nn.functional as F
 
-    from study.data import load_dataset
-    from study.models import create_model
-    from study.pipeline import TrialResult
+    from study.trial.data import load_dataset
+    from study.trial.models import create_model
+    from study.trial.pipeline import TrialResult
 
     torch.manual_seed(0)
     sp = load_dataset(cfg.data, "cpu")
@@ -250,10 +189,11 @@ def trained_model_trial(cfg, *, on_epoch=None, resume_state=None):
 def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
     import torch
 
-    from study import robust_eval
-    from study.config import DataConfig
-    from study.data import load_dataset
-    from study.models import create_model
+    from study.search import front_files, layout
+    from study.search.robust_settings import ConfirmSettings
+    from study.trial.config import DataConfig
+    from study.trial.data import load_dataset
+    from study.trial.models import create_model
 
     confirm = {"points": 48, "steps": 10, "restarts": 2, "autoattack": True}
     space = _space(n_trials=3, **{"study.sampler": "random", "study.sampler_options": None, "trial.model.width": 8,
@@ -293,14 +233,14 @@ def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
         for k, v in m.items():
             assert run.data.metrics[k] == pytest.approx(v)
         assert run.data.tags["test_attack"] == attack
-        assert robust_eval.CONFIRM_FILE in [a.path for a in client.list_artifacts(run.info.run_id)]
-        saved = robust_eval.load_confirm(folder, robust_eval.ConfirmSettings(**confirm))
+        assert layout.CONFIRM_FILE in [a.path for a in client.list_artifacts(run.info.run_id)]
+        saved = front_files.load_confirm(folder, ConfirmSettings(**confirm))
         assert saved is not None and saved["metrics"]["test_robust_acc"] == pytest.approx(m["test_robust_acc"])
-        assert robust_eval.load_confirm(folder, robust_eval.ConfirmSettings(**{**confirm, "points": 47})) is None
+        assert front_files.load_confirm(folder, ConfirmSettings(**{**confirm, "points": 47})) is None
     for number in set(runs) - front:  # a trial the study did not choose is never evaluated on test
         assert not any(k.startswith("test") for k in runs[number].data.metrics)
         assert "test_attack" not in runs[number].data.tags
-        assert not (tmp_path / "runs" / "quickstart" / "trials" / f"{number:04d}" / robust_eval.CONFIRM_FILE).exists()
+        assert not (tmp_path / "runs" / "quickstart" / "trials" / f"{number:04d}" / layout.CONFIRM_FILE).exists()
     assert not any(k.startswith("test") for t in study.trials for k in t.user_attrs)  # Optuna never sees them
     assert "test_robust_acc" in out and attack in out and "selected on the validation split" in out
     # a resume or a report reuses the saved confirmation
@@ -349,12 +289,12 @@ def _fingerprint(x, y) -> str:
 
 
 def split_perturbing_trial(cfg, *, perturb, log, **kw):
-    """The real pipeline's run_trial with study.data's loader wrapped (inside the Ray worker that runs the
+    """The real pipeline's run_trial with study.trial.data's loader wrapped (inside the Ray worker that runs the
     trial): with `perturb`, the TEST split becomes noise images with permuted labels; train and validation
     are untouched. Appends '<trial name> <fingerprint of the test split the trial loaded>' to `log`."""
     import torch
 
-    from study import data, pipeline
+    from study.trial import data, pipeline
 
     real = data.load_dataset
 

@@ -12,20 +12,18 @@ import copy
 import json
 import math
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
 import ray
 from optuna.trial import TrialState
 
-from analysis import pareto
-from study import robust_eval, runner
-from study.config import ConfigError
-from study.space import load_space, parse_space
+from conftest import QUICKSTART, ROOT, fake_pretrain, mlflow_trial_runs
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+from analysis import pareto
+from study.search import layout, robust_eval, robust_settings, runner
+from study.trial.config import ConfigError
+from study.search.space import load_space, parse_space
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -55,16 +53,19 @@ def test_suite_objectives_get_the_suite_spelling():
     assert space.study.metrics == ["params_kept", "robust.l2.1"]  # robust.l2.1.0 -> the suite's name
     rob = space.study.robustness
     assert rob.threats == {"linf": [0.05, 0.1], "l2": [0.5, 1.0], "l0": [2.0, 4.0]}
-    assert rob.search_budget == robust_eval.SEARCH_DEFAULT and rob.final_budget == robust_eval.FINAL_DEFAULT
+    assert rob.search_budget == robust_settings.SEARCH_DEFAULT and rob.final_budget == robust_settings.FINAL_DEFAULT
     for metric, name in [("auc.linf", "auc.linf"), ("scenario.linf.0.10.r0.50", "scenario.linf.0.1.r0.5"),
                          ("robust_nested.l0.4", "robust_nested.l0.4"), ("val_robust_acc", "val_robust_acc")]:
         data = copy.deepcopy(BASE)
         data["study"].update(_objective(metric))
         assert parse_space(data, "x.yaml").study.metrics[1] == name
-    from study.robustness.suite import _fmt
+    from study import keys
+    from study.robustness import suite
 
-    for v in (0.0, 1.0, 8 / 255, 0.1, 2.0, 0.25):
-        assert robust_eval.fmt(v) == _fmt(v)  # the names the objectives use are the names the suite reports
+    # the names the objectives use are the names the suite reports: one formatter builds both
+    assert suite.suite_metric is keys.suite_metric is robust_settings.suite_metric
+    expected = {0.0: "0", 1.0: "1", 8 / 255: "0.0314", 0.1: "0.1", 2.0: "2", 0.25: "0.25"}
+    assert {v: keys.fmt(v) for v in expected} == expected
 
 
 @pytest.mark.parametrize("edits, key, words", [
@@ -126,32 +127,13 @@ def test_search_metrics_keep_the_pipeline_figures():
 # A study on Ray with a fake trial that returns a real (untrained, tiny) model.
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def _start_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
-
-
-def fake_pretrain(cfg):
-    path = Path(cfg.cache_dir) / f"{cfg.pretrain_key()}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("dense")
-    return path
-
-
 def tiny_model_trial(cfg, *, on_epoch=None, resume_state=None):
     """An untrained small_cnn of width 4 on digits (seeded by the trial number), with made-up sizes."""
     import torch
 
-    from study.data import load_dataset
-    from study.models import create_model
-    from study.pipeline import TrialResult
+    from study.trial.data import load_dataset
+    from study.trial.models import create_model
+    from study.trial.pipeline import TrialResult
 
     number = int(cfg.name.rsplit("-", 1)[1])
     torch.manual_seed(number)
@@ -175,26 +157,17 @@ def _space(final_autoattack: bool = True):
     })
 
 
-def _mlflow_trial_runs(runs_dir: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}")
-    exp = client.get_experiment_by_name("quickstart")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.run_role = 'trial'")
-    return client, {int(r.data.tags["optuna_trial_number"]): r for r in runs}
-
-
 # AutoAttack's Square alone (5000 queries) takes ~25 s on CPU even for a few points: that variant is slow.
 @pytest.mark.parametrize("autoattack", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.usefixtures("local_ray")
 def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tmp_path, capsys, autoattack):
-    _start_ray()
     runs = tmp_path / "runs"
     space = _space(final_autoattack=autoattack)
     first = runner.run_study(space, runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain,
                              final_eval=False)
     assert first.status == "complete" and first.complete == 2
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{runs / 'quickstart' / 'optuna.db'}")
-    client, mlruns = _mlflow_trial_runs(runs)
+    client, mlruns = mlflow_trial_runs(runs)
     for t in study.trials:
         assert t.state == TrialState.COMPLETE
         value = t.values[1]
@@ -212,7 +185,7 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
     front = {t.number for t in study.best_trials}
     rows = pareto.read_csv(again.pareto_csv)
     assert {int(r["trial"]) for r in rows} == front
-    client, mlruns = _mlflow_trial_runs(runs)
+    client, mlruns = mlflow_trial_runs(runs)
     for row in rows:
         number = int(row["trial"])
         cols = ["test.robust.linf.0.1", "test.robust.l2.0.5", "test.clean_acc", "test.suspect", "test.auc.l2",
@@ -223,7 +196,7 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
         assert not row.get("test_autoattack_acc")  # the confirmation's AutoAttack is off here
         assert row["test_attack"] == "PGD-2 x1 restarts (step 2.5*eps/2) (no AutoAttack), Linf eps 0.1, 32 test points"
         assert float(row["test_robust_acc"]) == float(row["test_pgd_acc"]) <= float(row["test_clean_acc"])
-        saved = json.loads((runs / "quickstart" / "trials" / f"{number:04d}" / robust_eval.FINAL_FILE).read_text())
+        saved = json.loads((runs / "quickstart" / "trials" / f"{number:04d}" / layout.SUITE_FINAL_FILE).read_text())
         assert saved["budget"]["points"] == 32 and saved["report"]["n_points"] == 32  # test split, final budget
         assert [a["threat"] for a in saved["report"]["autoattack"]] == ["linf"] * autoattack
         run = mlruns[number]
@@ -231,7 +204,7 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
             assert run.data.metrics[col] == pytest.approx(float(row[col]))
         assert run.data.tags["test.suspect"] in ("true", "false") and run.data.tags["test_attack"] == row["test_attack"]
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-        assert robust_eval.FINAL_FILE in artifacts and robust_eval.CONFIRM_FILE in artifacts
+        assert layout.SUITE_FINAL_FILE in artifacts and layout.CONFIRM_FILE in artifacts
     for number in set(mlruns) - front:
         assert not any(k.startswith("test") for k in mlruns[number].data.metrics)
     assert not any(k.startswith(("final.", "final_")) for r in mlruns.values() for k in r.data.metrics)  # old prefix

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study import pipeline
-from study.attacks import EPS_SCHEDULES, AttackStrength, pgd_linf, strength_at
-from study.config import AttackConfig, ConfigError, StageConfig, trial_from_dict
-from study.engine import make_optimizer, make_scheduler, resolve_runtime, train_epoch
-from study.losses import LOSSES, frozen_bn_stats, make_loss
+from study.trial import pipeline
+from study.trial.attacks import EPS_SCHEDULES, AttackStrength, pgd_linf, strength_at
+from study.trial.config import AttackConfig, ConfigError, StageConfig, trial_from_dict
+from study.trial.engine import make_optimizer, make_scheduler, resolve_runtime, train_epoch
+from study.trial.losses import LOSSES, frozen_bn_stats, make_loss
 
 
 def trained_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -120,8 +120,10 @@ def test_attack_passes_do_not_move_batchnorm_running_stats():
 def test_losses_and_config_choices_agree():
     import dataclasses
 
+    from study.trial.config import choices_of
+
     field = next(f for f in dataclasses.fields(AttackConfig) if f.name == "loss")
-    assert set(field.metadata["choices"]) == set(LOSSES.names())
+    assert set(choices_of(field)) == set(LOSSES.names())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def test_explicit_step_size_must_reach_the_boundary():
 
 
 def expected_frac(schedule: str, t: float, w: float) -> float:
-    """The schedules, written out independently of study.attacks."""
+    """The schedules, written out independently of study.trial.attacks."""
     if schedule == "constant" or w <= 0:
         return 1.0
     if schedule == "linear":

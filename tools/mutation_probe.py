@@ -52,108 +52,108 @@ class Mutation:
 
 
 MUTATIONS: list[Mutation] = [
-    # --- study/pruning.py --------------------------------------------------------------------------
+    # --- study/trial/pruning.py --------------------------------------------------------------------------
     Mutation(
-        "ste-without-sign", "study/pruning.py",
+        "ste-without-sign", "study/trial/pruning.py",
         "a = self.scores.abs()\n",
         "a = self.scores\n",
         ("tests/test_pruning.py",),
         "STE gradient to the scores without sign(s): dL/ds = w*G instead of sign(s)*w*G"),
     Mutation(
-        "ste-flipped", "study/pruning.py",
+        "ste-flipped", "study/trial/pruning.py",
         "self.weight * (self.mask + (a - a.detach()))",
         "self.weight * (self.mask - (a - a.detach()))",
         ("tests/test_pruning.py",),
         "STE gradient fully flipped: dL/ds = -sign(s)*w*G (scores descend the wrong way)"),
     Mutation(
-        "topk-signed-layer", "study/pruning.py",
+        "topk-signed-layer", "study/trial/pruning.py",
         "return [_topk_mask(v.abs(), keep_count(v.numel(), keep_fraction)) for v in values]",
         "return [_topk_mask(v, keep_count(v.numel(), keep_fraction)) for v in values]",
         ("tests/test_pruning.py",),
         "per-layer top-k ranks the signed scores instead of |scores| (large negative scores pruned)"),
     Mutation(
-        "topk-signed-global", "study/pruning.py",
+        "topk-signed-global", "study/trial/pruning.py",
         "flat = torch.cat([v.abs().flatten().float() for v in values])",
         "flat = torch.cat([v.flatten().float() for v in values])",
         ("tests/test_pruning.py",),
         "global top-k ranks the signed scores instead of |scores|"),
     Mutation(
-        "global-scope-per-layer", "study/pruning.py",
+        "global-scope-per-layer", "study/trial/pruning.py",
         'if scope == "layer":',
         'if scope in ("layer", "global"):',
         ("tests/test_pruning.py",),
         "scope 'global' silently computes per-layer masks (k of each layer, not k of all)"),
     Mutation(
-        "ssi-without-fan-in-scale", "study/pruning.py",
+        "ssi-without-fan-in-scale", "study/trial/pruning.py",
         "s.copy_(math.sqrt(6.0 / fan_in) * w / w.abs().max().clamp_min(1e-12))",
         "s.copy_(w / w.abs().max().clamp_min(1e-12))",
         ("tests/test_pruning.py",),
         "ssi score init without the sqrt(6/fan_in) scale (same mask, wrong score magnitude for the optimizer)"),
     Mutation(
-        "fixed-mode-hook-dropped", "study/pruning.py",
+        "fixed-mode-hook-dropped", "study/trial/pruning.py",
         "self._hook = self.weight.register_hook(lambda g, m=self.mask: g * m)",
         "self._hook = None",
         ("tests/test_pruning.py",),
         "fixed mode without the gradient hook: pruned weights regrow during fine-tuning"),
     Mutation(
-        "size-counts-bn-running-stats", "study/pruning.py",
+        "size-counts-bn-running-stats", "study/trial/pruning.py",
         'PARAMETER_LEAVES = ("weight", "bias")',
         'PARAMETER_LEAVES = ("weight", "bias", "running_mean", "running_var")',
         ("tests/test_pruning.py", "tests/test_models.py"),
         "size_report counts BatchNorm running statistics as parameters"),
-    # --- study/attacks.py and study/losses.py ---------------------------------------------------------
+    # --- study/trial/attacks.py and study/trial/losses.py ---------------------------------------------------------
     Mutation(
-        "pgd-one-sided-start", "study/attacks.py",
+        "pgd-one-sided-start", "study/trial/attacks.py",
         "delta = (2 * noise - 1) * eps",
         "delta = noise * eps",
         ("tests/test_training_attacks.py",),
         "PGD random start drawn from [0, eps] instead of [-eps, eps]"),
     Mutation(
-        "pgd-no-unit-clamp", "study/attacks.py",
+        "pgd-no-unit-clamp", "study/trial/attacks.py",
         "x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)",
         "x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)",
         ("tests/test_training_attacks.py",),
         "pgd_linf steps leave the [0, 1] image box"),
     Mutation(
-        "trades-kl-swapped", "study/losses.py",
+        "trades-kl-swapped", "study/trial/losses.py",
         "robust = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), F.softmax(logits.float(), dim=1),",
         "robust = F.kl_div(F.log_softmax(logits.float(), dim=1), F.softmax(model(x_adv).float(), dim=1),",
         ("tests/test_losses.py", "tests/test_training_attacks.py"),
         "TRADES robust term with the KL arguments swapped: KL(f(x_adv) || f(x)) instead of KL(f(x) || f(x_adv))"),
     Mutation(
-        "fgsm-rs-step-one-eps", "study/losses.py",
+        "fgsm-rs-step-one-eps", "study/trial/losses.py",
         "step_size=1.25 * strength.eps",
         "step_size=1.0 * strength.eps",
         ("tests/test_losses.py", "tests/test_training_attacks.py"),
         "FGSM-RS step of 1.0 eps instead of Wong et al.'s 1.25 eps"),
-    # --- study/evaluation.py -------------------------------------------------------------------------
+    # --- study/trial/evaluation.py -------------------------------------------------------------------------
     Mutation(
-        "evaluate-counts-misclassified-as-robust", "study/evaluation.py",
+        "evaluate-counts-misclassified-as-robust", "study/trial/evaluation.py",
         "still = ok.clone()",
         "still = torch.ones_like(ok)",
         ("tests/test_evaluation.py",),
         "evaluate counts clean-misclassified points as robust when the attack does not flip them"),
     Mutation(
-        "evaluate-last-not-worst-restart", "study/evaluation.py",
+        "evaluate-last-not-worst-restart", "study/trial/evaluation.py",
         "idx = still.nonzero().squeeze(1)",
         "idx = ok.nonzero().squeeze(1)",
         ("tests/test_evaluation.py",),
         "evaluate re-attacks every clean-correct point each restart: a point broken by an early restart "
         "but not by the last counts robust (best/last case, not per-point worst case)"),
     Mutation(
-        "evaluate-leaves-eval-mode", "study/evaluation.py",
+        "evaluate-leaves-eval-mode", "study/trial/evaluation.py",
         "model.train(was_training)",
         "pass",
         ("tests/test_evaluation.py",),
         "evaluate leaves a model that was training in eval mode (BatchNorm/dropout off for the rest of training)"),
     Mutation(
-        "evaluate-unseeded-random-start", "study/evaluation.py",
+        "evaluate-unseeded-random-start", "study/trial/evaluation.py",
         "torch.manual_seed(seed)",
         "None",
         ("tests/test_evaluation.py",),
         "the PGD random start comes from the caller's global RNG, not from the evaluation seed"),
     Mutation(
-        "evaluate-leaks-global-rng", "study/evaluation.py",
+        "evaluate-leaks-global-rng", "study/trial/evaluation.py",
         "with torch.random.fork_rng(devices=devices):",
         "with torch.random.fork_rng(devices=devices, enabled=False):",
         ("tests/test_evaluation.py",),

@@ -12,9 +12,8 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from study.robustness.attacks import correct, seeded
+from study.robustness.threats import AUTOATTACK_NORMS as NORMS
 from study.robustness.threats import Threat
-
-NORMS = {Threat.LINF: "Linf", Threat.L2: "L2"}
 
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, eps: float, *, seed: int = 0,

@@ -17,12 +17,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from study.keys import suite_metric
 from study.robustness import checks as C
 from study.robustness.attacks import BLACK_BOX, CURVE, PRIMARY, attack, correct
-from study.robustness.autoattack import NORMS as AA_THREATS
 from study.robustness.autoattack import autoattack as run_autoattack
 from study.robustness.curves import Curve, from_flags
 from study.robustness.scenario import ScenarioRow, TransferResult, scenario_table, transfer
+from study.robustness.threats import AUTOATTACK_NORMS as AA_THREATS
 from study.robustness.threats import Threat
 
 
@@ -86,21 +87,21 @@ class RobustnessReport:
         for t, c in self.curves.items():
             m[f"auc.{t}"] = c.auc
             for i, e in enumerate(c.eps):
-                m[f"robust.{t}.{_fmt(e)}"] = c.robust_acc[i]
-                m[f"robust_nested.{t}.{_fmt(e)}"] = c.robust_acc_nested[i]
+                m[suite_metric("robust", t, e)] = c.robust_acc[i]
+                m[suite_metric("robust_nested", t, e)] = c.robust_acc_nested[i]
                 for a, acc in c.per_attack.items():
-                    m[f"attack.{t}.{a}.{_fmt(e)}"] = acc[i]
+                    m[suite_metric(f"attack.{t}", a, e)] = acc[i]
         for c in self.checks:
             kind = c.name.split(".")[0]
             m[f"check.{c.name}"] = float(c.passed)
             m[f"check.{kind}"] = min(m.get(f"check.{kind}", 1.0), float(c.passed))
         for a in self.autoattack:
-            m[f"autoattack.{a.threat}.{_fmt(a.eps)}"] = a.robust_acc
+            m[suite_metric("autoattack", a.threat, a.eps)] = a.robust_acc
         for tr in self.transfer:
             for e, acc in zip(tr.eps, tr.target_acc):
-                m[f"transfer.{tr.threat}.{_fmt(e)}"] = acc
+                m[suite_metric("transfer", tr.threat, e)] = acc
         for row in self.scenario:
-            m[f"scenario.{row.threat}.{_fmt(row.eps)}.r{_fmt(row.r)}"] = row.accuracy
+            m[suite_metric("scenario", row.threat, row.eps, row.r)] = row.accuracy
         for k, v in self.wall_s.items():
             m[f"wall_s.{k}"] = v
         return m
@@ -203,7 +204,7 @@ def _evaluate(model, x, y, spec: dict[Threat, list[float]], b: EvalBudget, aa_sp
             pgd = c.per_attack[PRIMARY[t]][c.eps.index(e)] if e in c.eps else acc(PRIMARY[t], t, e)
             wb = c.robust_acc[c.eps.index(e)] if e in c.eps else pgd
             report.autoattack.append(AutoAttackResult(t.value, e, aa, pgd, wb, wall, messages))
-            report.wall_s[f"autoattack.{t.value}.{_fmt(e)}"] = wall
+            report.wall_s[suite_metric("autoattack", t.value, e)] = wall
             report.checks.append(C.Check(f"autoattack.{t.value}", aa >= wb - tol,
                                          f"eps {e:g}: AutoAttack {aa:.3f} vs PGD+APGD {wb:.3f} (tol {tol:.3f})"))
 
@@ -291,10 +292,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4f}".rstrip("0").rstrip(".") or "0"
 
 
 def _assert_finite(obj, path: str = "") -> None:

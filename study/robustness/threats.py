@@ -1,5 +1,7 @@
 """Threat models (RobustBench-style enum): what eps means, how distance is measured, how to project.
 
+The enum is the one source of threat names (`THREATS`), and `AUTOATTACK_NORMS` of the threats standard
+AutoAttack covers; study settings, the `study evaluate` flags and the suite all validate against them.
 All images live in [0, 1] (float, NCHW); normalization is inside the model.
 """
 from __future__ import annotations
@@ -76,6 +78,10 @@ class Threat(str, Enum):
         if len(set(out)) != len(out):
             raise ValueError(f"threat {self.value!r}: duplicate eps in {out}")
         return sorted(out)
+
+
+THREATS = tuple(t.value for t in Threat)  # linf, l2, l0
+AUTOATTACK_NORMS = {Threat.LINF: "Linf", Threat.L2: "L2"}  # standard AutoAttack's norm argument per threat
 
 
 def project_l0(d: Tensor, x: Tensor, k: int) -> Tensor:

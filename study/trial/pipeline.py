@@ -24,14 +24,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from study import pruning
-from study.attacks import stage_schedule, strength_at
-from study.config import AttackConfig, StageConfig, TrialConfig
-from study.data import Splits, batches, load_dataset
-from study.engine import Runtime, TrialFailed, make_optimizer, make_scheduler, resolve_runtime, train_epoch
-from study.evaluation import evaluate, relative_step
-from study.losses import make_loss
-from study.models import create_model
+from study.trial import pruning
+from study.trial.attacks import stage_schedule, strength_at
+from study.trial.config import AttackConfig, StageConfig, TrialConfig
+from study.trial.data import Splits, batches, load_dataset
+from study.trial.engine import Runtime, TrialFailed, make_optimizer, make_scheduler, resolve_runtime, train_epoch
+from study.trial.evaluation import evaluate, relative_step
+from study.trial.losses import make_loss
+from study.trial.models import create_model
 
 log = logging.getLogger("study")
 

@@ -13,8 +13,7 @@ tag `robustness.suspect` are then logged back to that run.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import json as json_io
 import math
 import os
 import re
@@ -23,19 +22,17 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from study.errors import UserError, did_you_mean
+from study.keys import NUMBER_KEY
+from study.robustness.threats import THREATS
+
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-THREATS = ("linf", "l2", "l0")
 # pixel budgets (Croce et al. use 10-24 pixels on MNIST/CIFAR), capped at half the image
 L0_PIXELS = (0, 1, 2, 5, 10, 20)
 METRIC_PREFIX = "robustness."
-
-
-def _user_error(message: str) -> Exception:
-    from study.cli import UserError  # lazily: study.cli imports this module
-
-    return UserError(message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -56,35 +53,35 @@ def resolve(text: str, tracking_uri: str, scratch: Path) -> Target:
     if text.startswith("runs:/"):
         run_id = text[len("runs:/"):].strip("/").split("/")[0]
         if not RUN_ID.match(run_id):
-            raise _user_error(f"{text}: not an MLflow run id (runs:/ followed by 32 hex digits)")
+            raise UserError(f"{text}: not an MLflow run id (runs:/ followed by 32 hex digits)")
         return _from_run(text, run_id, tracking_uri, scratch)
     path = Path(text)
     if path.is_dir():
         return _from_folder(text, path)
     if path.is_file():
         if not (path.parent / "result.json").is_file():
-            raise _user_error(f"{text}: no result.json beside the checkpoint (its trial config is read from there)")
+            raise UserError(f"{text}: no result.json beside the checkpoint (its trial config is read from there)")
         return Target(text, _config_from_result(path.parent / "result.json"), path)
     if RUN_ID.match(text):
         return _from_run(text, text, tracking_uri, scratch)
-    raise _user_error(f"{text}: no such file or folder, and not an MLflow run id (runs:/<id> or 32 hex digits)")
+    raise UserError(f"{text}: no such file or folder, and not an MLflow run id (runs:/<id> or 32 hex digits)")
 
 
 def _from_folder(text: str, folder: Path) -> Target:
     missing = [n for n in ("result.json", "model.pt") if not (folder / n).is_file()]
     if missing:
-        raise _user_error(f"{text}: not a trial output folder (missing {' and '.join(missing)})")
+        raise UserError(f"{text}: not a trial output folder (missing {' and '.join(missing)})")
     return Target(text, _config_from_result(folder / "result.json"), folder / "model.pt")
 
 
 def _config_from_result(path: Path) -> Any:
-    from study.config import ConfigError, trial_from_dict
+    from study.trial.config import ConfigError, trial_from_dict
 
     try:
-        config = json.loads(path.read_text())["config"]
+        config = json_io.loads(path.read_text())["config"]
         return trial_from_dict(config)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise _user_error(f"{path}: not a trial result (no readable 'config': {e})") from None
+    except (json_io.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a trial result (no readable 'config': {e})") from None
     except ConfigError as e:
         raise e.with_source(path) from None
 
@@ -93,7 +90,7 @@ def _client(tracking_uri: str):
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
         if not db.is_file():  # MlflowClient would quietly create an empty store
-            raise _user_error(f"--tracking-uri {tracking_uri}: no tracking store at {db}")
+            raise UserError(f"--tracking-uri {tracking_uri}: no tracking store at {db}")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -112,13 +109,13 @@ def _artifacts(client, run_id: str, path: str | None = None, depth: int = 3) -> 
 def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Target:
     from mlflow.exceptions import MlflowException
 
-    from study.config import trial_from_dict, unflatten
+    from study.trial.config import trial_from_dict, unflatten
 
     client = _client(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise _user_error(f"{text}: no MLflow run {run_id} in {tracking_uri}") from None
+        raise UserError(f"{text}: no MLflow run {run_id} in {tracking_uri}") from None
     files = _artifacts(client, run_id)
     by_name: dict[str, list[str]] = {}
     for f in files:
@@ -132,7 +129,7 @@ def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Targe
         if folder(model) in results:
             config = _config_from_result(Path(client.download_artifacts(run_id, results[folder(model)], str(scratch))))
         elif by_name.get("trial_config.json"):
-            flat = json.loads(Path(client.download_artifacts(run_id, by_name["trial_config.json"][0],
+            flat = json_io.loads(Path(client.download_artifacts(run_id, by_name["trial_config.json"][0],
                                                              str(scratch))).read_text())
             config = trial_from_dict(unflatten(flat))
         else:
@@ -143,7 +140,7 @@ def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Targe
         target = _from_folder(text, folder_path)
         return Target(text, target.config, target.model_path, run_id, tracking_uri)
     where = f" nor in its trial folder {folder_path}" if folder_path is not None else ""
-    raise _user_error(f"{text}: MLflow run {run_id} has no model artifact (no model.pt among its "
+    raise UserError(f"{text}: MLflow run {run_id} has no model artifact (no model.pt among its "
                       f"{len(files)} artifacts{where}); evaluate its trial folder or checkpoint instead")
 
 
@@ -152,7 +149,7 @@ def _trial_folder(run) -> Path | None:
     tags, params = run.data.tags, run.data.params
     if tags.get("trial_dir"):
         return Path(tags["trial_dir"])
-    number = tags.get("optuna_trial_number", "")
+    number = tags.get(NUMBER_KEY, "")
     if params.get("output_dir") and number.lstrip("-").isdigit():
         return Path(params["output_dir"]) / f"{int(number):04d}"
     return None
@@ -162,17 +159,17 @@ def load_model(target: Target, info, device):
     """The trial's architecture with the exported (hard-zero) weights, in eval mode."""
     import torch
 
-    from study import robust_eval
+    from study.trial.models import load_exported
 
     cfg = target.config
     state = torch.load(target.model_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     try:
-        return robust_eval.load_model(cfg, state, info, device)
+        return load_exported(cfg, state, info, device)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise _user_error(f"{target.model_path}: does not load into {cfg.model.arch} (width {cfg.model.width}) "
+        raise UserError(f"{target.model_path}: does not load into {cfg.model.arch} (width {cfg.model.width}) "
                           f"for {cfg.data.name}: {first[1].strip() if len(first) > 1 else first[0]}") from None
 
 
@@ -217,9 +214,10 @@ def parse_threats(text: str) -> list[str]:
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in THREATS]
     if not names or bad:
-        raise _user_error(f"--threats: unknown threat {bad[0] if bad else text!r}; valid choices: {', '.join(THREATS)}")
+        hint = did_you_mean(bad[0], THREATS) if bad else ""
+        raise UserError(f"--threats: unknown threat {bad[0] if bad else text!r}{hint}; valid choices: {', '.join(THREATS)}")
     if len(set(names)) != len(names):
-        raise _user_error(f"--threats: a threat is named twice in {text!r}")
+        raise UserError(f"--threats: a threat is named twice in {text!r}")
     return names
 
 
@@ -232,16 +230,17 @@ def parse_eps_args(items: list[str] | None, threats: list[str], flag: str = "--e
         name, sep, values = item.partition("=")
         name = name.strip().lower()
         if not sep or name not in THREATS:
-            raise _user_error(f"{flag} {item!r}: write THREAT=EPS,EPS,... with THREAT one of {', '.join(THREATS)}")
+            raise UserError(f"{flag} {item!r}: write THREAT=EPS,EPS,... with THREAT one of {', '.join(THREATS)}"
+                            + did_you_mean(name, THREATS).replace(" (", "; ").rstrip(")"))
         if name not in threats:
-            raise _user_error(f"{flag} {item!r}: {name} is not among --threats {','.join(threats)}")
+            raise UserError(f"{flag} {item!r}: {name} is not among --threats {','.join(threats)}")
         if name in out:
-            raise _user_error(f"{flag}: {name} is given twice")
+            raise UserError(f"{flag}: {name} is given twice")
         try:
             eps = [float(Fraction(v.strip())) for v in values.split(",") if v.strip()]
             out[name] = Threat.parse(name).validate_eps(eps)
         except (ValueError, ZeroDivisionError) as e:
-            raise _user_error(f"{flag} {item!r}: {e}") from None
+            raise UserError(f"{flag} {item!r}: {e}") from None
     return out
 
 
@@ -249,46 +248,23 @@ def parse_eps_args(items: list[str] | None, threats: list[str], flag: str = "--e
 # The command.
 
 
-def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="robustness curves (Linf/L2/L0), AutoAttack and sanity checks of a trial",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("target", help="trial output folder, its model.pt, or an MLflow run id (runs:/<id>)")
-    p.add_argument("--threats", default="linf,l2,l0", help="comma-separated, among linf,l2,l0 (default: all)")
-    p.add_argument("--eps", action="append", metavar="THREAT=E,E,...",
-                   help="eps list of one threat (repeatable), e.g. linf=0,0.05,0.1 or linf=0,8/255; units: linf "
-                        "pixel intensity in [0,1], l2 norm over all C*H*W values, l0 pixels. Default: from the "
-                        "trial's eps (linf 0, eps/2, eps, 2eps, 4eps; l2 the same multiples of eps*sqrt(CHW)/4; "
-                        "l0 0,1,2,5,10,20 pixels)")
-    p.add_argument("--autoattack", action="store_true",
-                   help="standard AutoAttack beside PGD at the trial's Linf eps and its matched L2 radius")
-    p.add_argument("--autoattack-eps", action="append", metavar="THREAT=E,E,...",
-                   help="where AutoAttack runs instead (linf/l2, repeatable; implies --autoattack)")
-    p.add_argument("--points", type=int, default=512, help="test points evaluated (seeded choice; default 512)")
-    p.add_argument("--steps", type=int, default=50, help="iterations of every gradient attack (default 50)")
-    p.add_argument("--restarts", type=int, default=2, help="random restarts (default 2)")
-    p.add_argument("--square-queries", type=int, default=1000, help="queries of Square / Sparse-RS (default 1000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="seeds the points, random starts and queries")
-    p.add_argument("--reference", metavar="DENSE_TARGET", help="a dense trial (same forms as TARGET): transfer "
-                   "attacks crafted on it")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", metavar="OUT", help="write the report (to_dict) and its provenance here")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store of run-id targets (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db)")
-    p.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def evaluate_command(target: str, *, threats: str = "linf,l2,l0", eps: list[str] | None = None,
+                     autoattack: bool = False, autoattack_eps: list[str] | None = None, points: int = 512,
+                     steps: int = 50, restarts: int = 2, square_queries: int = 1000, batch_size: int = 256,
+                     seed: int = 0, reference: str | None = None, device: str = "auto", threads: int = 0,
+                     json: str | None = None, tracking_uri: str | None = None) -> int:
+    """`study evaluate TARGET`: the suite on the TEST split of the target's data set; prints the report,
+    writes it to `json` and, for an MLflow run, logs it back to the run. Arguments are the command's flags."""
+    args = SimpleNamespace(**locals())  # the flags, also recorded in the report's provenance
     t_start = time.perf_counter()
     threats = parse_threats(args.threats)
     eps_given = parse_eps_args(args.eps, threats)
     aa_given = parse_eps_args(args.autoattack_eps, threats, "--autoattack-eps")
     if any(t == "l0" for t in aa_given):
-        raise _user_error("--autoattack-eps: AutoAttack covers linf and l2, not l0")
+        raise UserError("--autoattack-eps: AutoAttack covers linf and l2, not l0")
     for k in ("points", "steps", "restarts", "square_queries", "batch_size"):
         if getattr(args, k) < 1:
-            raise _user_error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{(Path('runs') / 'mlflow.db').resolve()}"
 
@@ -298,17 +274,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate(args, target, reference, threats, eps_given, aa_given, t_start)
 
 
-def _evaluate(args, target: Target, reference: Target | None, threats: list[str], eps_given, aa_given,
+def _evaluate(args: SimpleNamespace, target: Target, reference: Target | None, threats: list[str], eps_given, aa_given,
               t_start: float) -> int:
     import torch
 
-    from study.data import load_dataset
+    from study.trial.data import load_dataset
     from study.robustness import EvalBudget, evaluate_robustness
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise _user_error("--device cuda: CUDA is not available here")
+        raise UserError("--device cuda: CUDA is not available here")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     cfg = target.config
     splits = load_dataset(cfg.data, device)
@@ -318,7 +294,7 @@ def _evaluate(args, target: Target, reference: Target | None, threats: list[str]
     if reference is not None:
         rd = reference.config.data
         if (rd.name, rd.split_seed) != (cfg.data.name, cfg.data.split_seed):
-            raise _user_error(f"--reference {reference.text}: trained on {rd.name} (split seed {rd.split_seed}), "
+            raise UserError(f"--reference {reference.text}: trained on {rd.name} (split seed {rd.split_seed}), "
                               f"the target on {cfg.data.name} (split seed {cfg.data.split_seed})")
         ref_model = load_model(reference, info, device)
 
@@ -327,7 +303,7 @@ def _evaluate(args, target: Target, reference: Target | None, threats: list[str]
     aa_eps = aa_given or {t: [trial_eps(cfg) if t == "linf" else matched_l2(cfg, info)]
                           for t in threats if t in ("linf", "l2")}
     if aa and not aa_eps:
-        raise _user_error("--autoattack: AutoAttack covers linf and l2; add one of them to --threats")
+        raise UserError("--autoattack: AutoAttack covers linf and l2; add one of them to --threats")
     budget = EvalBudget(points=args.points, steps=args.steps, restarts=args.restarts, seed=args.seed,
                         batch_size=args.batch_size, square_queries=args.square_queries)
 
@@ -349,12 +325,12 @@ def _evaluate(args, target: Target, reference: Target | None, threats: list[str]
         "reference": reference.text if reference else "", "config": cfg.to_dict(),
         "threats": spec, "autoattack_eps": aa_eps if aa else {}, "device": str(device),
         "torch_threads": torch.get_num_threads(), "command_wall_s": wall,
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "args": vars(args),
     }
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=1))
+        out.write_text(json_io.dumps(payload, indent=1))
         print(f"report written to {out}")
     if target.run_id:
         log_to_run(target, report, payload)
@@ -382,5 +358,5 @@ def log_to_run(target: Target, report, payload: dict) -> None:
     client.log_text(target.run_id, report.table(), "robustness.txt")
 
 
-__all__ = ["Target", "add_command", "cmd_evaluate", "default_eps", "matched_l2", "parse_eps_args", "parse_threats",
+__all__ = ["Target", "evaluate_command", "default_eps", "matched_l2", "parse_eps_args", "parse_threats",
            "resolve"]

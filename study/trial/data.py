@@ -15,14 +15,16 @@ import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from study.config import DataConfig
 from study.registry import Registry
+
+if TYPE_CHECKING:  # type hints only: config looks the registries up by name, and they never import it
+    from study.trial.config import DataConfig
 
 # Where Debian's `dataset-fashion-mnist` package puts the gz idx files (a module constant so tests can move it).
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -1,4 +1,4 @@
-"""Robust training objectives, handed to the one train loop (study.engine) as functions.
+"""Robust training objectives, handed to the one train loop (study.trial.engine) as functions.
 
 Each loss takes (model, x, y, strength, generator) and returns (loss, logits used for the training
 accuracy). Attacks run with the model in train mode (the batch statistics the loss will see) but with
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.attacks import AttackStrength, pgd_linf
+from study.trial.attacks import AttackStrength, pgd_linf
 from study.registry import Registry
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, AttackStrength, torch.Generator | None],
@@ -35,10 +35,13 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
             m.momentum = mom
 
 
-@LOSSES.register("natural")
-def natural(**_: float) -> Loss:
+def _adversarial_ce(attack_strength: Callable[[AttackStrength], AttackStrength]) -> Loss:
+    """Cross-entropy on PGD examples crafted with `attack_strength(strength)`."""
+
     def loss(model, x, y, strength, generator):
-        logits = model(x)
+        with frozen_bn_stats(model):
+            x_adv = pgd_linf(model, x, y, attack_strength(strength), generator=generator)
+        logits = model(x_adv)
         return F.cross_entropy(logits, y), logits
 
     return loss
@@ -47,14 +50,7 @@ def natural(**_: float) -> Loss:
 @LOSSES.register("pgd")
 def pgd_at(**_: float) -> Loss:
     """Madry et al.: cross-entropy on PGD examples."""
-
-    def loss(model, x, y, strength, generator):
-        with frozen_bn_stats(model):
-            x_adv = pgd_linf(model, x, y, strength, generator=generator)
-        logits = model(x_adv)
-        return F.cross_entropy(logits, y), logits
-
-    return loss
+    return _adversarial_ce(lambda strength: strength)
 
 
 @LOSSES.register("trades")
@@ -79,11 +75,13 @@ def trades(beta: float = 6.0, **_: float) -> Loss:
 def fgsm_rs(**_: float) -> Loss:
     """Wong et al. 2020 ("fast is better than free"): one FGSM step of 1.25 eps from a random start."""
 
+    return _adversarial_ce(lambda strength: AttackStrength(eps=strength.eps, steps=1, step_size=1.25 * strength.eps))
+
+
+@LOSSES.register("natural")
+def natural(**_: float) -> Loss:
     def loss(model, x, y, strength, generator):
-        one_step = AttackStrength(eps=strength.eps, steps=1, step_size=1.25 * strength.eps)
-        with frozen_bn_stats(model):
-            x_adv = pgd_linf(model, x, y, one_step, generator=generator)
-        logits = model(x_adv)
+        logits = model(x)
         return F.cross_entropy(logits, y), logits
 
     return loss

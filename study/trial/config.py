@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,60 +19,57 @@ from typing import Any, Mapping
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in a config: names the file and the dotted key."""
-
-    def __init__(self, key: str, message: str, source: str | Path | None = None):
-        self.key, self.message, self.source = key, message, str(source) if source else None
-        where = f"{self.source}: " if self.source else ""
-        super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
-
-    def with_source(self, source: str | Path) -> "ConfigError":
-        return ConfigError(self.key, self.message, source)
+from study.errors import ConfigError, unknown_key, unknown_value
 
 
-def _choices(*names: str) -> dict[str, Any]:
+def one_of(*names: str) -> dict[str, Any]:
     return {"choices": names}
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+def registry_of(where: str) -> dict[str, Any]:
+    """Valid values are the names of a registry, `"module:NAME"`, imported when a value is checked (the
+    registries import torch; this module must not, and must not import them: they import it)."""
+    return {"choices": where}
+
+
+def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
     return {"range": (lo, hi, lo_open)}
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # a name in study.data.DATASETS
+    name: str = field(default="digits", metadata=registry_of("study.trial.data:DATASETS"))
     root: str = "data"  # folder torchvision data sets are read from (and downloaded to, if allowed)
     download: bool = False  # the network is often closed: read existing files unless told otherwise
-    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5, lo_open=True))  # carved from train
-    batch_size: int = field(default=128, metadata=_range(1))
-    eval_batch_size: int = field(default=512, metadata=_range(1))
+    val_fraction: float = field(default=0.1, metadata=in_range(0.0, 0.5, lo_open=True))  # carved from train
+    batch_size: int = field(default=128, metadata=in_range(1))
+    eval_batch_size: int = field(default=512, metadata=in_range(1))
     augment: bool = True  # random-crop(4) + flip on the device for the 32x32 colour sets only
-    train_limit: int = field(default=0, metadata=_range(0))  # 0 = all; otherwise a seeded subset (smoke runs)
+    train_limit: int = field(default=0, metadata=in_range(0))  # 0 = all; otherwise a seeded subset (smoke runs)
     split_seed: int = 0  # fixed across trials so every trial sees the same val/test points
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "small_cnn"  # a name in study.models.ARCHS
-    width: int = field(default=0, metadata=_range(0))  # arch-specific width override; 0 = the arch default
+    arch: str = field(default="small_cnn", metadata=registry_of("study.trial.models:ARCHS"))
+    width: int = field(default=0, metadata=in_range(0))  # arch-specific width override; 0 = the arch default
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """The robust objective of every stage (Sehwag et al.: train, prune and fine-tune with the target loss)."""
 
-    loss: str = field(default="pgd", metadata=_choices("pgd", "trades", "fgsm_rs", "natural"))
-    eps: float = field(default=0.1, metadata=_range(0.0, 1.0))  # target Linf radius, [0, 1] pixel units
-    eps_multiplier: float = field(default=1.0, metadata=_range(0.0, 4.0, lo_open=True))  # train eps = eps * this
-    steps: int = field(default=10, metadata=_range(1, 1000))  # PGD steps of the training attack
+    loss: str = field(default="pgd", metadata=registry_of("study.trial.losses:LOSSES"))
+    eps: float = field(default=0.1, metadata=in_range(0.0, 1.0))  # target Linf radius, [0, 1] pixel units
+    eps_multiplier: float = field(default=1.0, metadata=in_range(0.0, 4.0, lo_open=True))  # train eps = eps * this
+    steps: int = field(default=10, metadata=in_range(1, 1000))  # PGD steps of the training attack
     # Per PGD step, relative to eps. 0 = auto = 2.5 / steps (Madry/HYDRA: 10 steps of 0.25 eps). An explicit
     # value must let the attack reach the boundary: steps * step_size >= 1. (fgsm_rs always steps 1.25 eps.)
-    step_size: float = field(default=0.0, metadata=_range(0.0, 4.0))
-    schedule: str = "constant"  # a name in study.attacks.EPS_SCHEDULES: eps over a stage's optimizer steps
-    warmup_fraction: float = field(default=0.0, metadata=_range(0.0, 1.0))  # of a stage's optimizer steps
-    trades_beta: float = field(default=6.0, metadata=_range(0.0))
+    step_size: float = field(default=0.0, metadata=in_range(0.0, 4.0))
+    # eps over a stage's optimizer steps
+    schedule: str = field(default="constant", metadata=registry_of("study.trial.attacks:EPS_SCHEDULES"))
+    warmup_fraction: float = field(default=0.0, metadata=in_range(0.0, 1.0))  # of a stage's optimizer steps
+    trades_beta: float = field(default=6.0, metadata=in_range(0.0))
     # Whether the fine-tune stage warms eps up again per `schedule`. No by default: fine-tuning starts from a
     # robust model, so it trains at the target eps from its first step (the prune stage always warms up).
     finetune_warmup: bool = False
@@ -85,20 +84,20 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    epochs: int = field(default=1, metadata=_range(0))
-    lr: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
-    optimizer: str = field(default="sgd", metadata=_choices("sgd", "adam"))
-    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    weight_decay: float = field(default=1e-4, metadata=_range(0.0))
-    lr_schedule: str = field(default="cosine", metadata=_choices("cosine", "constant", "step"))
+    epochs: int = field(default=1, metadata=in_range(0))
+    lr: float = field(default=0.1, metadata=in_range(0.0, lo_open=True))
+    optimizer: str = field(default="sgd", metadata=one_of("sgd", "adam"))
+    momentum: float = field(default=0.9, metadata=in_range(0.0, 1.0))
+    weight_decay: float = field(default=1e-4, metadata=in_range(0.0))
+    lr_schedule: str = field(default="cosine", metadata=one_of("cosine", "constant", "step"))
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = field(default="hydra", metadata=_choices("hydra", "lwm", "random", "dense"))
-    keep_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))  # 0.1 = 90% pruned
-    scope: str = field(default="layer", metadata=_choices("layer", "global"))
-    score_init: str = "ssi"  # a name in study.pruning.SCORE_INITS
+    method: str = field(default="hydra", metadata=one_of("hydra", "lwm", "random", "dense"))
+    keep_fraction: float = field(default=0.1, metadata=in_range(0.0, 1.0, lo_open=True))  # 0.1 = 90% pruned
+    scope: str = field(default="layer", metadata=one_of("layer", "global"))
+    score_init: str = field(default="ssi", metadata=registry_of("study.trial.pruning:SCORE_INITS"))
     # BatchNorm affine parameters train with the scores in the prune stage (HYDRA's default; false = its
     # --freeze-bn). Conv/linear weights and biases never train in the prune stage.
     train_bn: bool = True
@@ -109,16 +108,16 @@ class EvalConfig:
     """The trial's PGD-Linf evaluation on the VALIDATION split (model selection never sees test).
 
     End of a trial: `steps` x `restarts` (per-point worst case) on `points`; every epoch: `val_steps` x 1 on
-    `val_points`. The step is relative to eps; 0 = auto = 2.5 / steps (study.evaluation.relative_step).
+    `val_points`. The step is relative to eps; 0 = auto = 2.5 / steps (study.trial.evaluation.relative_step).
     The test split is evaluated only for chosen models (study.confirm, `study trial`)."""
 
-    eps: float = field(default=-1.0, metadata=_range(-1.0, 1.0))  # -1 = attack.eps
-    steps: int = field(default=20, metadata=_range(1))
-    restarts: int = field(default=3, metadata=_range(1))
-    step_size: float = field(default=0.0, metadata=_range(0.0, 4.0))  # relative to eps; 0 = auto (2.5 / steps)
-    points: int = field(default=0, metadata=_range(0))  # 0 = the whole split
-    val_points: int = field(default=512, metadata=_range(0))  # per-epoch validation budget; 0 = whole split
-    val_steps: int = field(default=10, metadata=_range(1))  # per-epoch PGD steps (step: step_size, or 2.5 / val_steps)
+    eps: float = field(default=-1.0, metadata=in_range(-1.0, 1.0))  # -1 = attack.eps
+    steps: int = field(default=20, metadata=in_range(1))
+    restarts: int = field(default=3, metadata=in_range(1))
+    step_size: float = field(default=0.0, metadata=in_range(0.0, 4.0))  # relative to eps; 0 = auto (2.5 / steps)
+    points: int = field(default=0, metadata=in_range(0))  # 0 = the whole split
+    val_points: int = field(default=512, metadata=in_range(0))  # per-epoch validation budget; 0 = whole split
+    val_steps: int = field(default=10, metadata=in_range(1))  # per-epoch PGD steps (step: step_size, or 2.5 / val_steps)
     seed: int = 0
 
 
@@ -126,8 +125,8 @@ class EvalConfig:
 class TrialConfig:
     name: str = "trial"
     seed: int = 0
-    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
-    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16"))  # auto: bf16 on CUDA
+    device: str = field(default="auto", metadata=one_of("auto", "cpu", "cuda"))
+    precision: str = field(default="auto", metadata=one_of("auto", "fp32", "bf16"))  # auto: bf16 on CUDA
     compile: bool = False  # torch.compile on CUDA
     output_dir: str = "runs/trials"  # where `study trial` writes result JSON and exported weights
     cache_dir: str = "runs/pretrained"  # dense checkpoints, keyed by pretrain_key()
@@ -206,64 +205,55 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 # Building dataclasses from mappings, strictly.
 
 
-def _registry_choices(cls: type, name: str) -> tuple[str, ...] | None:
-    """Fields whose valid values live in a registry (imported lazily: config must not import torch)."""
-    if (cls, name) == (DataConfig, "name"):
-        from study.data import DATASETS
-        return tuple(DATASETS.names())
-    if (cls, name) == (ModelConfig, "arch"):
-        from study.models import ARCHS
-        return tuple(ARCHS.names())
-    if (cls, name) == (AttackConfig, "schedule"):
-        from study.attacks import EPS_SCHEDULES
-        return tuple(EPS_SCHEDULES.names())
-    if (cls, name) == (PruneConfig, "score_init"):
-        from study.pruning import SCORE_INITS
-        return tuple(SCORE_INITS.names())
-    return None
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """A field's valid values: its `choices` metadata, a tuple or a registry's `"module:NAME"`."""
+    choices = f.metadata.get("choices")
+    if isinstance(choices, str):
+        module, _, name = choices.partition(":")
+        return tuple(getattr(importlib.import_module(module), name).names())
+    return choices
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a section (mapping), got {value!r}")
-        return build(typ, value, prefix=key + ".")
+def _coerce(value: Any, typ: Any, key: str, strict: bool = False) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        if not strict and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(key, f"expected true or false, got {value!r}")
     if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        if isinstance(value, bool) or not isinstance(value, (int, float) if strict else (int, float, str)):
             raise ConfigError(key, f"expected an integer, got {value!r}")
         try:
             as_float = float(value)
         except ValueError:
             raise ConfigError(key, f"expected an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return int(as_float)
     if typ is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (strict and not isinstance(value, (int, float))):
             raise ConfigError(key, f"expected a number, got {value!r}")
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(key, f"expected a number, got {value!r}") from None
+        if strict and not math.isfinite(out):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return out
     if typ is str:
         if value is None:
             return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if not isinstance(value, str if strict else (str, int, float)) or isinstance(value, bool):
             raise ConfigError(key, f"expected a string, got {value!r}")
         return str(value)
-    raise TypeError(f"unsupported config type {typ} for {key}")
+    raise TypeError(f"unsupported config type {typ} for {key}: give the field a `parse` hook")
 
 
-def _check(cls: type, f: dataclasses.Field, value: Any, key: str) -> None:
-    choices = f.metadata.get("choices") or _registry_choices(cls, f.name)
+def _check(f: dataclasses.Field, value: Any, key: str) -> None:
+    choices = choices_of(f)
     if choices is not None and value not in choices:
-        raise ConfigError(key, f"unknown value {value!r}; valid choices: {', '.join(choices)}")
+        raise unknown_value(key, value, choices)
     if "range" in f.metadata:
         lo, hi, lo_open = f.metadata["range"]
         if lo is not None and (value < lo or (lo_open and value == lo)):
@@ -273,25 +263,51 @@ def _check(cls: type, f: dataclasses.Field, value: Any, key: str) -> None:
             raise ConfigError(key, f"{value!r} is out of range; must be <= {hi}")
 
 
-def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`; unknown keys and bad values raise ConfigError."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def build(cls: type, data: Any, prefix: str = "", *, base: Any = None, strict: bool = False,
+          exclude: Mapping[str, str] | None = None) -> Any:
+    """Build dataclass `cls` from the mapping `data`: unknown keys, wrong types, out-of-range values and
+    unknown choices raise ConfigError naming the dotted key (with a "did you mean" where one is close).
+
+    Per field, metadata drives the checks: `choices` (a tuple, or a registry as "module:NAME"), `range`
+    (lo, hi, lo_open), `parse` (a function (value, key) -> value for dict, tuple and union fields; it checks
+    what it reads), `required` (the message when the key is missing). Nested dataclass fields are built
+    recursively; a field typed `X | None` takes None. `base`: the instance whose values are the defaults
+    (else the class defaults). `strict`: numbers, booleans and strings must have their YAML type (no "3" for
+    3). `exclude`: field name -> why it is not valid here (it is then reported as an unknown key). A
+    cross-field check in `__post_init__` raises ConfigError with a key relative to the section.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (exclude or {})}
+    if not isinstance(data, Mapping):
+        where = prefix[:-1] if prefix.endswith(".") else prefix
+        raise ConfigError(where, f"expected a section (mapping), got {data!r}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(prefix + str(unknown[0]), f"unknown key; valid keys: {', '.join(fields)}")
+    for name in data:
+        if name not in fields:
+            why = (exclude or {}).get(name)
+            if why:
+                raise ConfigError(prefix + str(name), f"unknown key ({why}); valid keys: {', '.join(fields)}")
+            raise unknown_key(prefix + str(name), name, fields)
+    for name, f in fields.items():
+        if "required" in f.metadata and name not in data:
+            raise ConfigError(prefix + name, f"required: {f.metadata['required']}")
     kwargs = {}
     for name, value in data.items():
-        typ = hints[name]
+        f, typ, key = fields[name], hints[name], prefix + name
+        if "parse" in f.metadata:
+            kwargs[name] = f.metadata["parse"](value, key)
+            continue
         if isinstance(typ, types.UnionType):
+            if value is None and type(None) in typing.get_args(typ):
+                kwargs[name] = None
+                continue
             typ = next(t for t in typing.get_args(typ) if t is not type(None))
-        coerced = _coerce(value, typ, prefix + name)
-        if not dataclasses.is_dataclass(typ):
-            _check(cls, fields[name], coerced, prefix + name)
-        kwargs[name] = coerced
-    # Defaults of registry-backed fields are checked too, so a bad default can never hide.
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = build(typ, value, key + ".", strict=strict)
+            continue
+        kwargs[name] = _coerce(value, typ, key, strict)
+        _check(f, kwargs[name], key)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as e:  # a cross-field check in __post_init__ names its key relative to the section
         raise ConfigError(prefix + e.key, e.message) from None
 

@@ -1,6 +1,6 @@
 """Search-space files: strict loading, validation, and the Optuna define-by-run space.
 
-A search-space file is one runnable study (see search_spaces/*.yaml and docs/study.md):
+A search-space file is one runnable study (see search_spaces/*.yaml and the README):
 
     study:  settings of the search (name, sampler, trial count, concurrency, objectives, ...)
     trial:  fixed TrialConfig values (a nested mapping, as in a trial config file)
@@ -8,62 +8,84 @@ A search-space file is one runnable study (see search_spaces/*.yaml and docs/stu
             optionally with `log: true`, `step: s` and `when: {other.key: [values]}` (conditional)
 
 Everything is checked before anything starts: unknown keys, bad ranges, unknown choices (registry
-names included, via config.build), searched keys that would change the dense pretrained model (it is
-trained once per study), and conditions that name no searched choice. Errors are `ConfigError`s naming
-the file, the dotted key and the valid choices.
+names included), searched keys that would change the dense pretrained model (it is trained once per
+study), and conditions that name no searched choice. The `study:` section is built like a trial config
+(study.trial.config.build: field metadata, "did you mean"); the objectives are study.search.objectives.
+Errors are `ConfigError`s naming the file, the dotted key and the valid choices.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from study.config import ConfigError, TrialConfig, merge, read_yaml, trial_from_dict, unflatten
-from study.robust_eval import (CONFIRM_DEFAULT, CONFIRM_KEYS, SUITE_FAMILIES, ConfirmSettings, RobustnessSettings,
-                               canonical_metric, is_suite_name, parse_robustness)
+from study.errors import ConfigError, did_you_mean, unknown_key
+from study.search import samplers
+from study.search.objectives import DEFAULT_OBJECTIVES, Objective, check_suite_objectives, parse_objectives
+from study.search.robust_settings import CONFIRM_DEFAULT, ConfirmSettings, RobustnessSettings, parse_confirm
+from study.trial.config import TrialConfig, build, in_range, merge, read_yaml, trial_from_dict, unflatten
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
-# Final metrics of a trial (pipeline.TrialResult.metrics) that may serve as objectives: selection-safe
-# ones only, i.e. sizes and validation figures. Test figures exist for chosen models only (study.confirm).
-OBJECTIVE_METRICS = (
-    "params_kept", "prunable_kept", "compression", "sparsity", "sparse_bytes",
-    "val_robust_acc", "val_clean_acc",
-)
-# Names that are not selection-safe, with the validation figure to use instead.
-_TEST_FIGURES = {"robust_acc": "val_robust_acc", "clean_acc": "val_clean_acc", "test_clean_acc": "val_clean_acc",
-                 "test_robust_acc": "val_robust_acc", "test_pgd_acc": "val_robust_acc",
-                 "test_autoattack_acc": "val_robust_acc"}
 TOP_KEYS = ("study", "trial", "search")
 PARAM_KEYS = ("float", "int", "choice", "log", "step", "when")
 
 
-@dataclass(frozen=True)
-class Objective:
-    metric: str  # a final trial metric: one of OBJECTIVE_METRICS, or a suite metric (canonical name) of `robustness`
-    mode: str  # "min" | "max"
+def _study_name(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "-_." for c in value) \
+            or value.startswith("."):
+        raise ConfigError(key, f"expected a name of letters, digits, '-', '_' or '.', got {value!r}")
+    return value
+
+
+def _sampler_options(value: Any, key: str) -> dict:
+    value = {} if value is None else value  # `--set study.sampler_options=null` clears them
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "expected a mapping of sampler keyword arguments")
+    for k, v in value.items():
+        if not isinstance(v, (bool, int, float, str)) and v is not None:
+            raise ConfigError(f"{key}.{k}", f"expected a number, string or boolean, got {v!r}")
+    return dict(value)
+
+
+def _gpus(value: Any, key: str) -> str | float:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(key, f"expected auto or a number >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
 class StudySettings:
-    name: str = "study"  # names the folder runs/<name>, the Optuna study and the MLflow experiment
-    sampler: str = "tpe"  # one of SAMPLERS
-    sampler_options: dict = field(default_factory=dict)  # keyword arguments of the Optuna sampler
-    n_trials: int = 8  # trials in total (COMPLETE + FAIL), across resumes
-    max_concurrent: int = 1  # trials running at once
-    time_budget_s: float = 0.0  # wall-clock budget of the whole search; 0 = none
-    gpus_per_trial: str | float = "auto"  # auto = 1 where the cluster has GPUs, else 0
-    cpus_per_trial: float = 1.0  # also sets torch's thread count inside the trial
-    max_failures: int = 0  # Tune retries of a crashed trial (a NaN loss fails the same way again)
-    seed: int = 0  # sampler seed
+    # names the folder runs/<name>, the Optuna study and the MLflow experiment
+    name: str = field(default="study", metadata={"parse": _study_name})
+    sampler: str = field(default="tpe", metadata={"choices": "study.search.samplers:SAMPLERS"})
+    # keyword arguments of the Optuna sampler (checked against its signature)
+    sampler_options: dict = field(default_factory=dict, metadata={"parse": _sampler_options})
+    n_trials: int = field(default=8, metadata=in_range(1))  # trials in total (COMPLETE + FAIL), across resumes
+    max_concurrent: int = field(default=1, metadata=in_range(1))  # trials running at once
+    time_budget_s: float = field(default=0.0, metadata=in_range(0.0))  # wall-clock budget of the search; 0 = none
+    gpus_per_trial: str | float = field(default="auto", metadata={"parse": _gpus})  # auto = 1 where the cluster has GPUs
+    cpus_per_trial: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))  # also torch's thread count
+    max_failures: int = field(default=0, metadata=in_range(0))  # Tune retries of a crashed trial
+    seed: int = field(default=0, metadata=in_range(0))  # sampler seed
     storage: str = ""  # Optuna storage URL or journal file; "" = sqlite:///runs/<name>/optuna.db
-    objectives: tuple[Objective, ...] = (Objective("params_kept", "min"), Objective("val_robust_acc", "max"))
+    objectives: tuple[Objective, ...] = field(default=DEFAULT_OBJECTIVES, metadata={"parse": parse_objectives})
     robustness: RobustnessSettings | None = None  # the robustness suite per trial (search) and on the front (final)
-    confirm: ConfirmSettings = CONFIRM_DEFAULT  # test-split confirmation of every Pareto-front trial (always)
+    # test-split confirmation of every Pareto-front trial (always)
+    confirm: ConfirmSettings = field(default=CONFIRM_DEFAULT, metadata={"parse": parse_confirm})
+
+    def __post_init__(self) -> None:
+        # suite objectives take the suite's spelling (robust.l2.1.0 -> robust.l2.1) and need their section
+        object.__setattr__(self, "objectives", check_suite_objectives(self.objectives, self.robustness))
+        if self.sampler_options:
+            valid = samplers.option_names(self.sampler)
+            for key in self.sampler_options:
+                if key not in valid:
+                    raise ConfigError(f"sampler_options.{key}", f"not an option of the {self.sampler} sampler"
+                                      f"{did_you_mean(key, valid)}; valid keys: {', '.join(valid) or '(none)'}")
 
     @property
     def metrics(self) -> list[str]:
@@ -177,7 +199,7 @@ def parse_space(data: Mapping[str, Any], path: str = "<memory>") -> SearchSpace:
     for key in TOP_KEYS:
         if key not in data or not isinstance(data[key], Mapping):
             raise ConfigError(key, f"missing section '{key}' (a mapping); a search-space file has {', '.join(TOP_KEYS)}")
-    settings = _parse_study(data["study"])
+    settings = build(StudySettings, data["study"], "study.", strict=True)
     trial = dict(data["trial"])
     try:
         base = trial_from_dict(trial)
@@ -193,157 +215,15 @@ def _no_unknown(data: Mapping[str, Any], valid: typing.Iterable[str], prefix: st
     valid = list(valid)
     for key in data:
         if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(f"{prefix}{key}", f"unknown key{hint}; valid keys: {', '.join(valid)}")
+            raise unknown_key(f"{prefix}{key}", key, valid)
 
 
-def _number(value: Any, key: str, *, integer: bool = False, minimum: float | None = None) -> float:
+def _number(value: Any, key: str, *, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
         raise ConfigError(key, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        raise ConfigError(key, f"{value!r} is out of range; must be >= {minimum}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"{value!r} is out of range; must be finite")
     return int(value) if integer else float(value)
-
-
-def _parse_study(raw: Mapping[str, Any]) -> StudySettings:
-    names = [f.name for f in dataclasses.fields(StudySettings)]
-    _no_unknown(raw, names, "study.")
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        k = f"study.{key}"
-        if key in ("name", "storage"):
-            if not isinstance(value, str) or (key == "name" and not _safe_name(value)):
-                raise ConfigError(k, f"expected a name of letters, digits, '-', '_' or '.', got {value!r}")
-            out[key] = value
-        elif key == "sampler":
-            if value not in SAMPLERS:
-                raise ConfigError(k, f"unknown sampler {value!r}; valid choices: {', '.join(SAMPLERS)}")
-            out[key] = value
-        elif key == "sampler_options":
-            value = {} if value is None else value  # `--set study.sampler_options=null` clears them
-            if not isinstance(value, Mapping):
-                raise ConfigError(k, "expected a mapping of sampler keyword arguments")
-            out[key] = dict(value)
-        elif key in ("n_trials", "max_concurrent", "max_failures", "seed"):
-            out[key] = _number(value, k, integer=True, minimum=0 if key in ("max_failures", "seed") else 1)
-        elif key in ("time_budget_s", "cpus_per_trial"):
-            out[key] = _number(value, k, minimum=0.0)
-            if key == "cpus_per_trial" and out[key] <= 0:
-                raise ConfigError(k, f"{value!r} is out of range; must be > 0")
-        elif key == "gpus_per_trial":
-            out[key] = value if value == "auto" else _number(value, k, minimum=0.0)
-        elif key == "objectives":
-            out[key] = _parse_objectives(value)
-        elif key == "robustness":
-            out[key] = None if value is None else parse_robustness(value)
-        elif key == "confirm":
-            out[key] = _parse_confirm(value)
-    if "objectives" in out:
-        out["objectives"] = _suite_objectives(out["objectives"], out.get("robustness"))
-    settings = StudySettings(**out)
-    _check_sampler_options(settings)
-    return settings
-
-
-def _parse_confirm(raw: Any) -> ConfirmSettings:
-    """study.confirm: {points, steps, restarts, step_size, autoattack, seed}; null = the defaults."""
-    key = "study.confirm"
-    if raw is None:
-        return CONFIRM_DEFAULT
-    if not isinstance(raw, Mapping):
-        raise ConfigError(key, f"expected a mapping; valid keys: {', '.join(CONFIRM_KEYS)} "
-                          "(the whole confirmation is skipped with --no-final-eval)")
-    _no_unknown(raw, CONFIRM_KEYS, key + ".")
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        where = f"{key}.{k}"
-        if k == "autoattack":
-            if not isinstance(v, bool):
-                raise ConfigError(where, f"expected true or false, got {v!r}")
-            out[k] = v
-        elif k == "step_size":
-            out[k] = _number(v, where, minimum=0.0)  # relative to eps; 0 = auto = 2.5 / steps
-        else:
-            out[k] = _number(v, where, integer=True, minimum=0 if k in ("points", "seed") else 1)
-    settings = dataclasses.replace(CONFIRM_DEFAULT, **out)
-    if 0 < settings.step_size * settings.steps < 1:
-        raise ConfigError(f"{key}.step_size", f"{settings.step_size:g} x {settings.steps} steps cannot reach the "
-                          "eps-ball boundary; need steps * step_size >= 1 (or 0 = auto, 2.5 / steps)")
-    return settings
-
-
-def _safe_name(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
-
-
-def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("study.objectives", "expected a list of {metric: NAME, mode: min|max}")
-    out = []
-    for i, item in enumerate(raw):
-        key = f"study.objectives[{i}]"
-        if not isinstance(item, Mapping):
-            raise ConfigError(key, "expected {metric: NAME, mode: min|max}")
-        _no_unknown(item, ("metric", "mode"), key + ".")
-        metric, mode = item.get("metric"), item.get("mode")
-        if isinstance(metric, str):
-            _refuse_test_metric(metric, key + ".metric")
-        if not isinstance(metric, str) or (metric not in OBJECTIVE_METRICS and not is_suite_name(metric)):
-            near = difflib.get_close_matches(str(metric), OBJECTIVE_METRICS, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(key + ".metric", f"unknown metric {metric!r}{hint}; valid choices: {', '.join(OBJECTIVE_METRICS)}, "
-                              f"or with a study.robustness section {', '.join(SUITE_FAMILIES)}")
-        if mode not in ("min", "max"):
-            raise ConfigError(key + ".mode", f"unknown mode {mode!r}; valid choices: min, max")
-        out.append(Objective(metric, mode))
-    if len({o.metric for o in out}) != len(out):
-        raise ConfigError("study.objectives", "an objective metric is listed twice")
-    return tuple(out)
-
-
-def _refuse_test_metric(metric: str, key: str) -> None:
-    """Objectives select models, so they must never name a test-split figure."""
-    instead = _TEST_FIGURES.get(metric)
-    if instead is None and metric.startswith(("test.", "final.")):
-        instead = metric.partition(".")[2]  # the suite's test figure -> its validation figure (search budget)
-        if instead.startswith("autoattack."):  # AutoAttack runs on the front only; PGD + APGD-CE is the search's
-            instead = "robust." + instead.partition(".")[2]
-    elif instead is None and metric.startswith("test_"):
-        instead = "val_robust_acc"
-    if instead is not None:
-        raise ConfigError(key, f"{metric!r} is a test-split figure, and selection uses validation: did you mean "
-                          f"{instead}? (test figures are measured only for the chosen models: study.confirm)")
-
-
-def _suite_objectives(objectives: tuple[Objective, ...], robustness: RobustnessSettings | None) -> tuple[Objective, ...]:
-    """Suite metrics (robust.<t>.<eps>, auc.<t>, scenario.<t>.<eps>.r<r>) must be evaluated by the
-    `robustness` section; they are renamed to the suite's own spelling (robust.l2.1.0 -> robust.l2.1)."""
-    out = []
-    for i, o in enumerate(objectives):
-        if o.metric in OBJECTIVE_METRICS:
-            out.append(o)
-            continue
-        try:
-            name = canonical_metric(o.metric, robustness)
-        except ValueError as e:
-            raise ConfigError(f"study.objectives[{i}].metric", f"{o.metric!r}: {e}") from None
-        out.append(Objective(name, o.mode))
-    if len({o.metric for o in out}) != len(out):
-        raise ConfigError("study.objectives", "an objective metric is listed twice")
-    return tuple(out)
-
-
-def _check_sampler_options(settings: StudySettings) -> None:
-    from study.runner import SAMPLER_CLASSES  # lazy: a cycle otherwise (the runner imports this module)
-
-    cls = SAMPLER_CLASSES[settings.sampler]()
-    valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "seed")]
-    for key, value in settings.sampler_options.items():
-        if key not in valid:
-            raise ConfigError(f"study.sampler_options.{key}", f"not an option of the {settings.sampler} sampler; valid keys: {', '.join(valid) or '(none)'}")
-        if not isinstance(value, (bool, int, float, str)) and value is not None:
-            raise ConfigError(f"study.sampler_options.{key}", f"expected a number, string or boolean, got {value!r}")
 
 
 # --- parameters -------------------------------------------------------------------------------------
@@ -369,11 +249,11 @@ def _check_key(key: str) -> type:
     section, _, _ = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in leaves if k.rpartition(".")[0] == section]
     if siblings:
-        near = difflib.get_close_matches(key.rpartition(".")[2], siblings, n=1)
-        hint = f" (did you mean '{section}.{near[0]}'?)" if near else ""
+        hint = did_you_mean(key.rpartition(".")[2], siblings, prefix=f"{section}.")
         raise ConfigError(f"search.{key}", f"not a trial config field{hint}; valid keys in {section or 'the top level'}: {', '.join(siblings)}")
     sections = sorted({k.split(".")[0] for k in leaves if "." in k})
-    raise ConfigError(f"search.{key}", f"not a trial config field; valid sections: {', '.join(sections)}")
+    raise ConfigError(f"search.{key}", f"not a trial config field{did_you_mean(key.split('.')[0], sections)}; "
+                      f"valid sections: {', '.join(sections)}")
 
 
 def _parse_param(key: Any, spec: Any, trial: Mapping[str, Any], base: TrialConfig) -> Param:
@@ -471,12 +351,14 @@ def _ordered(params: list[Param]) -> tuple[Param, ...]:
             where = f"search.{p.key}.when.{parent}"
             if parent not in by_key:
                 choices = [q.key for q in params if q.kind == "choice" and q.key != p.key]
-                raise ConfigError(where, f"a condition must name a searched choice; valid choices: {', '.join(choices) or '(none)'}")
+                raise ConfigError(where, f"a condition must name a searched choice{did_you_mean(parent, choices)}; "
+                                  f"valid choices: {', '.join(choices) or '(none)'}")
             if by_key[parent].kind != "choice":
                 raise ConfigError(where, f"{parent} is a {by_key[parent].kind} range; a condition needs a searched choice")
             bad = [v for v in allowed if v not in by_key[parent].choices]
             if bad:
-                raise ConfigError(where, f"{bad[0]!r} is not a choice of {parent}; valid choices: {', '.join(map(str, by_key[parent].choices))}")
+                raise ConfigError(where, f"{bad[0]!r} is not a choice of {parent}{did_you_mean(bad[0], by_key[parent].choices)}; "
+                                  f"valid choices: {', '.join(map(str, by_key[parent].choices))}")
     ordered: list[Param] = []
     pending = list(params)
     while pending:

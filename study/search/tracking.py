@@ -9,8 +9,8 @@ within-stage `epoch` and the stage itself as a number (`stage`: 1 = prune, 2 = f
 All logging happens in the driver, from a Tune callback: one writer for the tracking store (no sqlite
 lock contention between trial processes), and a trial that dies without a word (OOM kill, lost node)
 is still marked FAILED. A trial's nested run is keyed by its Optuna trial number (tag
-`optuna_trial_number`), which survives a resume, so a resumed trial reuses its run instead of adding
-one. mlflow is imported lazily: importing this module costs nothing.
+`optuna_trial_number`, study.keys), which survives a resume, so a resumed trial reuses its run instead of
+adding one. mlflow is imported when a run is first touched; ray.tune at import (the callback's base class).
 """
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from typing import Any, Callable, Mapping
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from study.keys import NODE_KEY, NUMBER_KEY, ROLE_TAG, study_run_key, trial_run_key
+
 # Result keys Tune adds or that are not metrics.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
     "done", "trial_id", "experiment_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name",
-    "training_iteration", "optuna_trial_number", "final",
+    "training_iteration", NUMBER_KEY, "final",
 }
 # Stages as MLflow metric values (metrics are numbers); the tag `stage_codes` on each trial run says so.
 STAGE_CODES = {"pretrain": 0, "prune": 1, "finetune": 2}
@@ -181,7 +183,7 @@ def _param_text(value: Any) -> str:
 
 def study_description(settings: Mapping[str, Any], space_file: str | Path | None = None, extra: str = "") -> str:
     """Markdown shown on the experiment's page: what the study searches for and how (`settings`: the
-    fields of study.space.StudySettings, as dataclasses.asdict gives them)."""
+    fields of study.search.space.StudySettings, as dataclasses.asdict gives them)."""
     objectives = settings.get("objectives") or ()
     goals = ", ".join(f"`{o['metric']}` ({o['mode']})" if isinstance(o, Mapping) else str(o) for o in objectives)
     lines = [f"Study **{settings.get('name', '?')}**: robust pruning (HYDRA and baselines) searched by Optuna "
@@ -216,11 +218,11 @@ def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapp
         except Exception:  # deleted or another store: fall back to the tag
             run = None
     if run is None:
-        run = tracker.find_run({"study": study, "run_role": "study"})
+        run = tracker.find_run(study_run_key(study))
     if run is not None:
         tracker.reopen(run.info.run_id)
         return run.info.run_id
-    run_id = tracker.create_run(study, {"study": study, "run_role": "study", **provenance_tags()})
+    run_id = tracker.create_run(study, {**study_run_key(study), **provenance_tags()})
     tracker.log_batch(run_id, params=params or {})
     if space_file:
         tracker.log_file(run_id, space_file)
@@ -243,8 +245,8 @@ def epoch_record(result: Mapping[str, Any], step: int) -> tuple[dict[str, float]
             metrics["stage"] = float(STAGE_CODES[stage])
         tags["stage"] = stage
         tags["stage_codes"] = ", ".join(f"{v}={k}" for k, v in STAGE_CODES.items())
-    if isinstance(result.get("ray_node_id"), str):
-        tags["ray_node_id"] = result["ray_node_id"]
+    if isinstance(result.get(NODE_KEY), str):
+        tags[NODE_KEY] = result[NODE_KEY]
     return metrics, tags
 
 
@@ -275,12 +277,12 @@ class MlflowTrialCallback(Callback):
     def _run_id(self, trial: Any) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        number = int(trial.config.get("optuna_trial_number", -1))
-        key = {"study": self.study, "optuna_trial_number": str(number), "mlflow.parentRunId": self.parent_run_id}
+        number = int(trial.config.get(NUMBER_KEY, -1))
+        key = trial_run_key(self.study, number, self.parent_run_id)
         run = self.tracker.find_run(key)
         if run is None:
             run_id = self.tracker.create_run(f"{self.study}-{number:04d}", {
-                **key, "run_role": "trial", "tune_trial_id": trial.trial_id, **provenance_tags()})
+                **key, ROLE_TAG: "trial", "tune_trial_id": trial.trial_id, **provenance_tags()})
             self._start(run_id, trial)
             self._steps[run_id] = 0
         else:
@@ -322,7 +324,7 @@ class MlflowTrialCallback(Callback):
         if not final:
             self.tracker.log_batch(run_id, tags={"fail_reason": "stopped before its final report"})
         elif self.trial_dir is not None:  # the exported sparse model and its result, for `study evaluate runs:/<id>`
-            folder = self.trial_dir(int(trial.config.get("optuna_trial_number", -1)))
+            folder = self.trial_dir(int(trial.config.get(NUMBER_KEY, -1)))
             for name in ("model.pt", "result.json"):
                 if (folder / name).is_file():
                     self.tracker.log_file(run_id, folder / name, "model")

@@ -3,7 +3,7 @@ eps) work in pixel space.
 
 `create_model` returns `nn.Sequential(normalize=Normalize, body=<arch>)`. Bodies use only plain
 nn.Conv2d / nn.Linear / nn.BatchNorm2d with their own weights (no functional convs, no sharing):
-`study.pruning` swaps every Conv2d/Linear - first, last and shortcut layers included - for a masked
+`study.trial.pruning` swaps every Conv2d/Linear - first, last and shortcut layers included - for a masked
 subclass by walking `named_modules()`.
 
 `width` is the channel count of an arch's first stage (0 = the arch's default, shown per arch); deeper
@@ -12,12 +12,12 @@ stages scale with it, so tests can build tiny versions of every arch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from study.data import DatasetInfo
+from study.trial.data import DatasetInfo
 from study.registry import Registry
 
 ARCHS: Registry[Callable[[DatasetInfo, int], nn.Module]] = Registry("arch")
@@ -39,6 +39,14 @@ def create_model(arch: str, info: DatasetInfo, width: int = 0) -> nn.Module:
     """The arch's body for `info`'s images and classes, behind a Normalize layer (the first child)."""
     body = ARCHS.get(arch)(info, width)
     return nn.Sequential(OrderedDict(normalize=Normalize(info.mean, info.std), body=body))
+
+
+def load_exported(cfg: Any, model_state: Mapping[str, Any], info: DatasetInfo, device: Any) -> nn.Module:
+    """A trial's architecture (`cfg`: its TrialConfig) with its exported (plain, hard-zero) state dict, in
+    eval mode: how the study, the confirmation and `study evaluate` rebuild a trained model."""
+    model = create_model(cfg.model.arch, info, width=cfg.model.width)
+    model.load_state_dict(dict(model_state))
+    return model.to(device).eval()
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

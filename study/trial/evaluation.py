@@ -7,6 +7,7 @@ The full multi-threat suite (L0/L2/Linf curves, AutoAttack, sanity checks) is `s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchattacks
@@ -43,27 +44,15 @@ def subset(x: torch.Tensor, y: torch.Tensor, points: int, seed: int) -> tuple[to
     return x[idx], y[idx]
 
 
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float = 0.0,
-    restarts: int = 1,
-    points: int = 0,
-    seed: int = 0,
-    batch_size: int = 512,
-) -> Accuracy:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, points: int = 0, seed: int = 0,
+             **pgd: Any) -> Accuracy:
     """Clean and robust accuracy; robust = correct under every restart of PGD (per-point worst case).
 
-    `step_size` is relative to eps, 0 = auto (`relative_step`). The same seeded points are used for
-    clean and robust figures.
+    `pgd`: pgd_flags' eps, steps, step_size (relative to eps, 0 = auto: `relative_step`), restarts,
+    batch_size. The same seeded points (`points` of them, 0 = all) are used for clean and robust figures.
     """
     x, y = subset(x, y, points, seed)
-    ok, still = pgd_flags(model, x, y, eps=eps, steps=steps, step_size=step_size, restarts=restarts, seed=seed,
-                          batch_size=batch_size)
+    ok, still = pgd_flags(model, x, y, seed=seed, **pgd)
     n = max(len(x), 1)
     return Accuracy(clean=int(ok.sum()) / n, robust=int(still.sum()) / n, points=len(x))
 

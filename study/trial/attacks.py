@@ -4,20 +4,22 @@ The training attack is written here rather than taken from torchattacks because 
 it differentiates w.r.t. the input only (`torch.autograd.grad(loss, x)`), runs under the caller's autocast,
 never toggles the model's train/eval mode behind the caller's back, never touches the global RNG (noise
 comes from the trial's generator) and never synchronises with the host. Evaluation uses torchattacks
-(`study.evaluation`, `study.robustness`).
+(`study.trial.evaluation`, `study.robustness`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.config import AttackConfig
 from study.registry import Registry
+
+if TYPE_CHECKING:  # type hints only: config looks the registries up by name, and they never import it
+    from study.trial.config import AttackConfig
 
 # eps as a fraction of the target, given progress t in [0, 1] through a stage (its optimizer steps) and a
 # warm-up fraction w of those steps.

@@ -8,14 +8,16 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
 
-from study.attacks import AttackStrength
-from study.config import StageConfig
-from study.losses import Loss
+from study.trial.attacks import AttackStrength
+from study.trial.losses import Loss
+
+if TYPE_CHECKING:  # type hints only: config looks the registries up by name, and they never import it
+    from study.trial.config import StageConfig
 
 
 class TrialFailed(RuntimeError):

@@ -7,7 +7,7 @@ that cannot produce that raises, so Tune marks it ERROR and Optuna records it FA
 
 Everything a trial reports is a validation or size figure (model selection never sees the test split; a
 run_trial returning test figures is refused). The test split is evaluated after the search, for the
-Pareto-front trials only (study.runner.Study.final_evaluation: confirm.json beside the trial's files).
+Pareto-front trials only (study.search.front: confirm.json beside the trial's files).
 
 A trial's files live in `<study_dir>/trials/<optuna number>/` (result.json, model.pt, final.json):
 keyed by the Optuna number, which survives a resume, so a trial that had already finished when the
@@ -22,19 +22,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from study.config import trial_from_dict
-
-NUMBER_KEY = "optuna_trial_number"
-NODE_KEY = "ray_node_id"  # the Ray node that trained the trial (final report, final.json, Optuna user attr)
-FINAL_FILE = "final.json"
+from study.keys import NODE_KEY, NUMBER_KEY
+from study.search.layout import TRIAL_FINAL_FILE as FINAL_FILE
+from study.search.layout import trial_dir
+from study.trial.config import trial_from_dict
 
 
 class ObjectiveNotFinite(RuntimeError):
     """The final metrics lack an objective or hold NaN/inf: the trial counts as failed."""
-
-
-def trial_dir(study_dir: str | Path, number: int) -> Path:
-    return Path(study_dir) / "trials" / f"{number:04d}"
 
 
 def searched_values(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,14 +59,14 @@ def _node_id() -> str:
 def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequence[str], study_dir: str,
                     threads: int = 1, run_trial: Callable | None = None, robustness: Any = None) -> None:
     """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's.
-    `robustness` (robust_eval.RobustnessSettings): the suite's search-budget metrics join the final ones."""
+    `robustness` (robust_settings.RobustnessSettings): the suite's search-budget metrics join the final ones."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     from ray import tune
 
     torch.set_num_threads(max(1, int(threads)))
     if run_trial is None:
-        from study.pipeline import run_trial
+        from study.trial.pipeline import run_trial
     cfg = build_config(base, fixed, config)
     out = trial_dir(study_dir, int(config.get(NUMBER_KEY, 0)))
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +114,7 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
 def search_robustness(cfg: Any, result: Any, metrics: Mapping[str, float], settings: Any) -> dict[str, float]:
     """The robustness suite on the trial's model (rebuilt from its exported state, eval mode) with the
     cheap search budget on the VALIDATION split; its flat metrics, unprefixed, so objectives match."""
-    from study import robust_eval
+    from study.search import robust_eval
 
     state = getattr(result, "model_state", None)
     if state is None:
@@ -135,5 +130,5 @@ def pretrain_task(cfg: Any, threads: int = 1, pretrain: Callable | None = None) 
 
     torch.set_num_threads(max(1, int(threads)))
     if pretrain is None:
-        from study.pipeline import pretrain
+        from study.trial.pipeline import pretrain
     return str(pretrain(cfg))

@@ -1,0 +1,193 @@
+"""Optuna's side of a study: the storage, the study, and `StudySearch`, the Tune searcher.
+
+`StudySearch` is Ray Tune's OptunaSearch made safe for resume: it never leaves an Optuna trial RUNNING
+(every Tune trial ends COMPLETE with finite objectives or FAIL with a `fail_reason`), and an Optuna trial
+asked after Tune's last experiment checkpoint (the driver died in between) is adopted by the next trial
+Tune creates instead of a new one being asked. It is built on first use (importing Ray Tune costs
+seconds) and pickled by reference as study.search.optuna_search.StudySearch.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from study.errors import ConfigError
+from study.keys import NODE_KEY, NUMBER_KEY
+from study.search.space import SearchSpace
+
+log = logging.getLogger("study.search")
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna storage object from a URL: RDB URLs (sqlite://, postgresql://, mysql://...) or a
+    journal file (`journal:///abs/path.log`, or any path ending in .log / .journal)."""
+    import optuna
+
+    path = url[len("journal:"):] if url.startswith("journal:") else url
+    if url.startswith("journal:") or ("://" not in url and path.endswith((".log", ".journal"))):
+        path = "/" + path.lstrip("/") if path.startswith("//") else path
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    if "://" not in url:
+        raise ConfigError("--storage", f"{url!r} is neither a database URL (sqlite:///abs/optuna.db) nor a journal file (*.log)")
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_storage(url: str) -> Any:
+    return open_storage(url)
+
+
+def load_optuna_study(url: str, name: str, space: SearchSpace | None = None) -> Any:
+    import optuna
+
+    storage = open_storage(url)
+    if space is None:
+        return optuna.load_study(study_name=name, storage=storage)
+    directions = ["minimize" if m == "min" else "maximize" for m in space.study.modes]
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError("study.objectives", f"the Optuna study {name!r} exists with other directions "
+                          f"({[d.name.lower() for d in study.directions]}); pick another study name or --fresh")
+    if study.metric_names != space.study.metrics:  # optuna-dashboard and `optuna best-trials` show these names
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(space.study.metrics))
+    return study
+
+
+def link_mlflow_run(storage_url: str, study_name: str, number: int, run_id: str) -> None:
+    """Record the MLflow run id with the Optuna trial (while it is still RUNNING)."""
+    from optuna.trial import TrialState
+
+    storage = _cached_storage(storage_url)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        if storage.get_trial(trial_id).state == TrialState.RUNNING:
+            storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+    except Exception as e:  # a missing link loses a column of the report, never a trial
+        log.warning("could not link MLflow run %s to Optuna trial %d: %s", run_id, number, e)
+
+
+def define_by_run(space: SearchSpace, trial: Any) -> dict[str, Any]:
+    """Optuna's define-by-run space of a study: the searched values plus the trial's number (NUMBER_KEY)."""
+    values = space.suggest(trial)
+    return {**values, NUMBER_KEY: trial.number}
+
+
+@functools.lru_cache(maxsize=1)
+def searcher_class() -> type:
+    """StudySearch, built on first use (importing Ray Tune costs seconds; `study trial` needs none of it)."""
+    from optuna.trial import Trial, TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    from study.search.tracking import numeric_metrics
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch that never leaves a trial RUNNING and adopts orphans on resume."""
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if self._ot_study is not None and trial_id not in self._ot_trials:
+                orphan = self._orphan()
+                if orphan is not None:
+                    log.warning("resuming Optuna trial %d (asked before the driver stopped, never run)", orphan.number)
+                    self._ot_trials[trial_id] = Trial(self._ot_study, orphan._trial_id)
+            return super().suggest(trial_id)
+
+        def _orphan(self) -> Any:
+            claimed = {t.number for t in self._ot_trials.values()}
+            running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            return next((t for t in sorted(running, key=lambda t: t.number) if t.number not in claimed), None)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            return  # multi-objective: Optuna takes no intermediate values
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials:
+                return
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None:
+                log.warning("Tune trial %s completed but has no Optuna trial; ignored", trial_id)
+                return
+            self._completed_trials.add(trial_id)
+            storage = self._ot_study._storage
+            if storage.get_trial(ot_trial._trial_id).state.is_finished():
+                return  # told before the driver stopped; this is the rerun of a finished trial
+            metrics = list(self.metric) if isinstance(self.metric, list) else [self.metric]
+            result = result or {}
+            values = [result.get(m) for m in metrics]
+            finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            if result.get("final") and finite and not error:
+                for key, value in numeric_metrics(result).items():
+                    if key not in ("final", "step", "epoch"):
+                        ot_trial.set_user_attr(key, value)
+                if isinstance(result.get(NODE_KEY), str):
+                    ot_trial.set_user_attr(NODE_KEY, result[NODE_KEY])
+                self._ot_study.tell(ot_trial, [float(v) for v in values], state=TrialState.COMPLETE)
+                return
+            reason = ("the trial raised (see Tune's error file)" if error else
+                      "stopped before its final report" if not result.get("final") else
+                      f"objective not finite: {dict(zip(metrics, values))}")
+            ot_trial.set_user_attr("fail_reason", reason)
+            log.warning("Optuna trial %d recorded as FAIL: %s", ot_trial.number, reason)
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+
+    StudySearch.__module__, StudySearch.__qualname__ = __name__, "StudySearch"  # pickled by reference
+    return StudySearch
+
+
+def __getattr__(name: str) -> Any:  # StudySearch, importable by module path (the Tuner pickles its searcher)
+    if name == "StudySearch":
+        return searcher_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fail_running(study: Any, reason: str, expected: bool = False) -> int:
+    """At the end of a search no Optuna trial may stay RUNNING: fail the rest, loudly unless `expected`
+    (Tune's time budget stops trials without telling the searcher)."""
+    from optuna.trial import TrialState
+
+    stuck = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    for t in stuck:
+        log.log(logging.WARNING if expected else logging.ERROR,
+                "Optuna trial %d was still %s at the end of the study (%s); recording it as FAIL",
+                t.number, t.state.name, reason)
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(stuck)
+
+
+def finished_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
+
+
+def refuse_existing(url: str, name: str, source: str) -> None:
+    """A fresh study must not silently add to an Optuna study of the same name that has trials."""
+    import optuna
+
+    for summary in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False):
+        if summary.study_name == name and summary.n_trials:
+            raise ConfigError("study.name", f"the Optuna storage {url} already holds a study {name!r} with "
+                              f"{summary.n_trials} trials; start over with --fresh or pick another name", source)
+
+
+def counts(study: Any) -> tuple[int, int]:
+    """(COMPLETE, FAIL) trials of an Optuna study."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    return (sum(t.state == TrialState.COMPLETE for t in trials), sum(t.state == TrialState.FAIL for t in trials))

@@ -1,0 +1,360 @@
+"""A study: a Ray Tune Tuner searched by Optuna, recorded in MLflow (`run_study`, `resume_study`,
+`report_study`, `wipe_study`: the bodies of `study run | resume | report`, whose flags are in study.cli).
+
+    study run search_spaces/quickstart.yaml      one search-space file = one study
+    study resume quickstart                      continue an interrupted study (Ctrl-C, killed driver)
+    study report quickstart                      reprint the Pareto front from the Optuna storage
+
+A study lives in runs/<name>/ (study.search.layout); MLflow defaults to runs/mlflow.db (one experiment
+per study).
+
+Trials are selected on validation figures only. After the search, every Pareto-front trial is evaluated
+on the TEST split (`Study.final_evaluation`: study.confirm always, the study.robustness suite's final
+budget where set; study.search.front); `--no-final-eval` skips it.
+
+No lost and no duplicated trials across a resume:
+- Tune restores its trials and the searcher (which maps Tune trial ids to Optuna trials) from the
+  experiment checkpoint; unfinished Tune trials continue from their last epoch checkpoint.
+- An Optuna trial asked after the last experiment checkpoint (the driver died in between) is left
+  RUNNING with no Tune trial: `StudySearch` adopts such orphans for the next trials Tune creates
+  instead of asking new ones, so the study holds exactly n_trials trials.
+- A trial that finished after the last checkpoint is rerun by Tune, finds its final.json and
+  reports it again; Optuna ignores a second tell, MLflow reuses the run keyed by Optuna number.
+- Every trial ends COMPLETE with finite objectives or FAIL; a trial still RUNNING when the search
+  ends is failed with a log line (a bug if it happens).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from study.errors import ConfigError
+from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
+from study.search import console, front
+from study.search.layout import Manifest, StudyPaths, study_paths, trial_dir
+from study.search.optuna_search import (counts, define_by_run, fail_running, finished_count, link_mlflow_run,
+                                        load_optuna_study, open_storage, refuse_existing, searcher_class)
+from study.search.ray_cluster import resolve_gpus, start_ray
+from study.search.samplers import make_sampler
+from study.search.space import SearchSpace, load_space
+from study.search.trainable import build_config, pretrain_task, study_trainable
+
+log = logging.getLogger("study.search")
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{int(trial.config.get(NUMBER_KEY, 0)):04d}"
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{int(trial.config.get(NUMBER_KEY, 0)):04d}_{trial.trial_id}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A study, run or resumed.
+
+
+@dataclass
+class Outcome:
+    status: str  # "complete" | "interrupted"
+    complete: int
+    failed: int
+    rows: list[dict[str, Any]]
+    pareto_csv: Path | None
+    parent_run_id: str
+
+
+class Study:
+    """Everything one study needs, built from its search space and its manifest."""
+
+    def __init__(self, space: SearchSpace, paths: StudyPaths, manifest: Manifest,
+                 run_trial: Callable | None = None, pretrain: Callable | None = None, final_eval: bool = True):
+        self.space, self.paths, self.manifest = space, paths, manifest
+        self.run_trial, self.pretrain = run_trial, pretrain
+        self.final_eval = final_eval  # the test-split evaluation of the front (study.confirm, study.robustness)
+        self.within_points = 1.0  # the report recommends the smallest model within this many accuracy points of dense
+        s = space.study
+        cache = space.base_config().cache_dir
+        explicit_cache = "cache_dir" in space.trial
+        self.fixed = {"name": s.name, "cache_dir": str(Path(cache).resolve() if explicit_cache else paths.pretrained),
+                      "output_dir": str(paths.trials)}
+
+    # --- pieces ----------------------------------------------------------------------------------
+
+    def tracker(self) -> Any:
+        from study.search.tracking import Tracker
+
+        uri = self.manifest.tracking_uri
+        root = str(Path(self.manifest.runs_dir) / "mlartifacts" / self.space.study.name) if uri.startswith("sqlite:") else None
+        return Tracker(uri, self.space.study.name, artifact_root=root)
+
+    def trainable(self, cpus: float, gpus: float) -> Any:
+        from ray import tune
+
+        s = self.space.study
+        fn = tune.with_parameters(study_trainable, base=self.space.trial, fixed=self.fixed, objectives=s.metrics,
+                                  study_dir=str(self.paths.root), threads=max(1, int(cpus)), run_trial=self.run_trial,
+                                  robustness=s.robustness)
+        return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
+
+    def searcher(self) -> Any:
+        s = self.space.study
+        return searcher_class()(space=functools.partial(define_by_run, self.space), metric=s.metrics,
+                                 mode=s.modes, sampler=make_sampler(self.space), study_name=s.name,
+                                 storage=open_storage(self.manifest.storage))
+
+    def callback(self, tracker: Any) -> Any:
+        from study.search.tracking import MlflowTrialCallback
+
+        return MlflowTrialCallback(tracker, self.space.study.name, self.manifest.parent_run_id, str(self.paths.space),
+                                   trial_config=functools.partial(build_config, self.space.trial, self.fixed),
+                                   link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name),
+                                   trial_dir=functools.partial(trial_dir, self.paths.root))
+
+    def trial_config(self, config: Mapping[str, Any]) -> Any:
+        """The TrialConfig of a Tune trial config (searched values + NUMBER_KEY) in this study."""
+        return build_config(self.space.trial, self.fixed, config)
+
+    def run_pretraining(self, cpus: float, gpus: float) -> None:
+        """The dense model, once per study, as a Ray task on the resources of one trial.
+
+        (Not more threads on a CPU machine: small convolutions gain little from them, and torch's
+        spinning threads slow down ten-fold when the cores are shared.)"""
+        import ray
+
+        cfg = self.space.trial_config({}, self.fixed)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(pretrain_task)
+        t0 = time.perf_counter()
+        print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) on {cpus:g} CPU / {gpus:g} GPU ...", flush=True)
+        path = ray.get(task.remote(cfg, max(1, int(cpus)), self.pretrain))
+        print(f"[study] dense model ready in {time.perf_counter() - t0:.1f}s: {path}", flush=True)
+
+    # --- the search ------------------------------------------------------------------------------
+
+    def execute(self, *, resume: bool) -> Outcome:
+        from ray import tune
+
+        s = self.space.study
+        optuna_study = load_optuna_study(self.manifest.storage, s.name, self.space)
+        tracker = self.tracker()
+        from study.search.tracking import open_parent_run
+
+        params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
+        self.manifest.parent_run_id = open_parent_run(tracker, s.name, self.manifest.parent_run_id, params,
+                                                      self.paths.space)
+        self.manifest.save(self.paths.manifest)
+        gpus = resolve_gpus(s.gpus_per_trial)
+        cpus = s.cpus_per_trial
+        remaining = s.n_trials - finished_count(optuna_study)
+        t0 = time.monotonic()
+        if remaining > 0 or (resume and tune.Tuner.can_restore(str(self.paths.experiment))):
+            self.run_pretraining(cpus, gpus)
+            tuner = self._tuner(resume, remaining, cpus, gpus, tracker)
+            tuner.fit()
+        elapsed = time.monotonic() - t0
+        done = finished_count(optuna_study)
+        budget_spent = s.time_budget_s > 0 and elapsed >= s.time_budget_s
+        if done < s.n_trials and not budget_spent:
+            tracker.finish(self.manifest.parent_run_id, "KILLED")
+            console.print_interrupted(s.name, done, s.n_trials, self.manifest.runs_dir if self._custom_runs_dir() else None)
+            return Outcome("interrupted", *counts(optuna_study), [], None, self.manifest.parent_run_id)
+        reason = ("stopped by the study's time budget" if budget_spent else
+                  "the search ended while it was RUNNING (a bug: please report it)")
+        fail_running(optuna_study, reason, expected=budget_spent)
+        tracker.close_trial_runs(self.manifest.parent_run_id, "KILLED", reason)
+        self.record_unstarted(optuna_study, tracker)
+        if self.final_eval:
+            self.final_evaluation(optuna_study, tracker, cpus, gpus)
+        return self.finish(optuna_study, tracker)
+
+    def final_evaluation(self, optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:
+        """The front's test-split evaluation (study.search.front). Returns the trials evaluated."""
+        return front.evaluate_front(self, optuna_study, tracker, cpus, gpus)
+
+    def record_unstarted(self, optuna_study: Any, tracker: Any) -> None:
+        """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
+        from optuna.trial import TrialState
+
+        from study.search.tracking import provenance_tags
+
+        parent = self.manifest.parent_run_id
+        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        have = {r.data.tags.get(NUMBER_KEY) for r in runs}
+        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if str(t.number) in have:
+                continue
+            run_id = tracker.create_run(f"{self.space.study.name}-{t.number:04d}", {
+                **trial_run_key(self.space.study.name, t.number, parent), ROLE_TAG: "trial",
+                "fail_reason": t.user_attrs.get("fail_reason", "never started"), **provenance_tags()})
+            tracker.log_batch(run_id, params=self.trial_config({**t.params, NUMBER_KEY: t.number}).flat())
+            tracker.finish(run_id, "KILLED")
+
+    def _custom_runs_dir(self) -> bool:
+        return Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
+
+    def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any) -> Any:
+        from ray import tune
+
+        # Epoch reports carry no objective on purpose (a partial value must never reach Optuna as final);
+        # Tune's strict check would reject them. StudySearch fails any trial whose last report lacks one.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # A checkpoint per epoch is the point (resume); Tune's warning about frequent snapshots is noise.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Snapshot the experiment state at every controller step and keep two checkpoints per trial: Tune
+        # deletes the older checkpoint when a new one registers, and a driver killed before the next
+        # (throttled) snapshot left a state pointing at a deleted checkpoint ("does not exist on storage").
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+        trainable = self.trainable(cpus, gpus)
+        if resume and tune.Tuner.can_restore(str(self.paths.experiment)):
+            print(f"[study] restoring the Tune experiment {self.paths.experiment}", flush=True)
+            return tune.Tuner.restore(str(self.paths.experiment), trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False)
+        if self.paths.experiment.exists():  # a Tune folder that cannot be restored (died while starting)
+            shutil.rmtree(self.paths.experiment)
+        s = self.space.study
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=self.searcher(), num_samples=remaining,
+                                        max_concurrent_trials=s.max_concurrent,
+                                        time_budget_s=s.time_budget_s or None,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
+                                        reuse_actors=True),  # no new process + torch import per trial
+            run_config=tune.RunConfig(
+                name=s.name, storage_path=str(self.paths.tune_dir),
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[self.callback(tracker)]),
+        )
+
+    def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:
+        from analysis import pareto
+
+        s = self.space.study
+        rows = pareto.front_rows(optuna_study, s.metrics)
+        suites, attacks = front.add_test_columns(self, rows)
+        csv = pareto.write_csv(rows, self.paths.pareto)
+        complete, failed = counts(optuna_study)
+        hv = pareto.study_hypervolume(optuna_study)
+        # The terminal gets test clean/robust (the attack named above the table), the objectives' suite test
+        # figures, AutoAttack and suspect; the CSV gets them all, test_attack included.
+        from study.search.front_files import terminal_column
+
+        shown = [{k: v for k, v in r.items() if terminal_column(k, s.metrics, r)} for r in rows]
+        console.print_front(s.name, shown, self.space.keys, complete, failed, hv, csv, attacks)
+        if suites:
+            console.print_final_checks(suites, s.robustness)
+        if tracker is not None:
+            run = self.manifest.parent_run_id
+            tracker.log_batch(run, metrics={"trials_complete": complete, "trials_failed": failed,
+                                            "pareto_size": len(rows), "hypervolume": hv})
+            tracker.log_file(run, csv)
+        self.write_report(optuna_study, tracker if tracker is not None else report_tracker)
+        if tracker is not None:
+            tracker.finish(self.manifest.parent_run_id, "FINISHED")
+        console.print_viewers(self.paths, self.manifest, s.metrics)
+        return Outcome("complete", complete, failed, rows, csv, self.manifest.parent_run_id)
+
+    def write_report(self, optuna_study: Any, tracker: Any | None) -> Path | None:
+        """runs/<study>/report/ (plots + index.html), logged to the parent run when `tracker` is given.
+        A report that cannot be drawn is a warning: it must never lose the study's results."""
+        from analysis.report import write_report
+
+        try:
+            page = write_report(self.paths.root, optuna_study, self.space, self.manifest, tracker,
+                                within_points=self.within_points)
+        except Exception as e:  # noqa: BLE001 - the front and pareto.csv are already written
+            log.warning("could not write the study report: %s", e)
+            return None
+        print(f"report written to {page}", flush=True)
+        return page
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points for study.cli and tests.
+
+
+def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri: str | None = None,
+              storage: str | None = None, fresh: bool = False, run_trial: Callable | None = None,
+              pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None,
+              final_eval: bool = True) -> Outcome:
+    """Start a study from a validated search space (refuses to overwrite one unless `fresh`)."""
+    from study.search.tracking import default_tracking_uri
+
+    name = space.study.name
+    paths = study_paths(runs_dir, name)
+    url = storage or space.study.storage or paths.default_storage
+    if fresh:
+        wipe_study(paths, url, tracking_uri or default_tracking_uri(runs_dir))
+    elif paths.manifest.exists() or paths.experiment.exists():
+        raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.root}; "
+                          f"continue it with `study resume {name}`, or start over with --fresh", space.path)
+    if not fresh and (url != paths.default_storage or (paths.root / "optuna.db").exists()):
+        refuse_existing(url, name, space.path)
+    manifest = Manifest(name=name, space_file=str(Path(space.path).resolve()), storage=url,
+                        tracking_uri=tracking_uri or default_tracking_uri(runs_dir),
+                        runs_dir=str(Path(runs_dir).resolve()))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    header = f"# the validated search space of study {name!r}, from {space.path}\n"
+    paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
+    manifest.save(paths.manifest)
+    start_ray(address, num_cpus)
+    return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=False)
+
+
+def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callable | None = None,
+                 pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None,
+                 final_eval: bool = True) -> Outcome:
+    """Continue a study from its manifest: Tune's checkpoint where there is one, Optuna's storage anyway."""
+    paths, manifest, space = _open(name, runs_dir)
+    start_ray(address, num_cpus)
+    return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=True)
+
+
+def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: float = 1.0) -> Outcome:
+    """Reprint the front and redraw the report of a finished or running study (the report's files are
+    logged to the parent run; the run's status is left as it is)."""
+    paths, manifest, space = _open(name, runs_dir)
+    study = load_optuna_study(manifest.storage, name)
+    s = Study(space, paths, manifest)
+    s.within_points = within_points
+    return s.finish(study, report_tracker=s.tracker())
+
+
+def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, SearchSpace]:
+    paths = study_paths(runs_dir, name)
+    if not paths.manifest.is_file():
+        known = sorted(p.parent.name for p in Path(runs_dir).glob("*/study.json"))
+        raise ConfigError("", f"no study named {name!r} in {Path(runs_dir).resolve()}; "
+                          f"studies there: {', '.join(known) or '(none)'}")
+    manifest = Manifest.load(paths.manifest)
+    return paths, manifest, load_space(paths.space)
+
+
+def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str) -> None:
+    """--fresh: forget a study (its folder, its Optuna study, its MLflow runs)."""
+    import optuna
+
+    name = paths.name
+    try:
+        optuna.delete_study(study_name=name, storage=open_storage(storage_url))
+    except KeyError:
+        pass
+    from study.search.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, name)
+    if tracker.client.get_experiment_by_name(name) is not None:
+        for run in tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.study = '{name}'"):
+            tracker.client.delete_run(run.info.run_id)
+    for sub in (paths.tune_dir, paths.trials):
+        shutil.rmtree(sub, ignore_errors=True)
+    for f in (paths.manifest, paths.space, paths.pareto):
+        f.unlink(missing_ok=True)
