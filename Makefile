@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-fast bench clean
+.PHONY: venv quickstart test test-fast bench clean fashion-data experiment-methods experiment-search \
+        experiment-methods-quick experiment-search-quick
 
 venv: $(STAMP)
 
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/study run --fresh search_spaces/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP) fashion-data
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -27,6 +28,26 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# The experiments of docs/results.md (each writes its section, CSVs and plots); QUICK=1 = the smoke run.
+experiment-methods: $(STAMP) fashion-data
+	$(BIN)/python -m analysis.experiments.fashion_methods $(if $(QUICK),--quick)
+
+experiment-search: $(STAMP)
+	$(BIN)/python -m analysis.experiments.search_efficiency $(if $(QUICK),--quick)
+
+experiment-methods-quick:
+	$(MAKE) experiment-methods QUICK=1
+
+experiment-search-quick:
+	$(MAKE) experiment-search QUICK=1
+
+# Debian's Fashion-MNIST (a 31 MB package) for experiment-methods and its test; where apt cannot install it
+# (no root, not Debian) a warning, and that test is skipped with the install command as its reason.
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+fashion-data:
+	@test -d $(FASHION_DIR) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "warning: could not install dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)"
 
 clean:
 	rm -rf $(VENV) runs

@@ -79,8 +79,13 @@ def _config_from_result(path: Path) -> Any:
 
     try:
         config = json_io.loads(path.read_text())["config"]
+        missing = [k for k in ("model", "data") if not isinstance(config.get(k), dict)]
+        if missing:  # the defaults would silently rebuild another model on another data set
+            raise UserError(f"{path}: the trial config has no {' and '.join(repr(k) for k in missing)} "
+                            f"section{'s' if len(missing) > 1 else ''}; it cannot say which model and data "
+                            f"the checkpoint belongs to")
         return trial_from_dict(config)
-    except (json_io.JSONDecodeError, KeyError, TypeError) as e:
+    except (json_io.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a trial result (no readable 'config': {e})") from None
     except ConfigError as e:
         raise e.with_source(path) from None
@@ -162,7 +167,7 @@ def load_model(target: Target, info, device):
     from study.trial.models import load_exported
 
     cfg = target.config
-    state = torch.load(target.model_path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(target.model_path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     try:
@@ -171,6 +176,29 @@ def load_model(target: Target, info, device):
         first = str(e).strip().splitlines()
         raise UserError(f"{target.model_path}: does not load into {cfg.model.arch} (width {cfg.model.width}) "
                           f"for {cfg.data.name}: {first[1].strip() if len(first) > 1 else first[0]}") from None
+
+
+def read_checkpoint(path: Path) -> Any:
+    """A model.pt's tensors, loaded with torch's weights-only unpickler (a checkpoint that carries code is
+    refused, never run); a damaged or foreign file is a UserError naming it."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "GLOBAL" in text or "Unsupported global" in text or "Unsupported class" in text:
+            detail = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise UserError(f"{path}: refused: the checkpoint holds more than tensors (it could run code when "
+                            f"loaded){': ' + detail if detail else ''}") from None
+        detail = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "unpickling failed")
+        raise UserError(f"{path}: not a readable model checkpoint (damaged: {detail})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: not a readable model checkpoint (damaged or truncated: {first})") from None
 
 
 def zero_share(model) -> float:

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 from study.search.layout import Manifest, StudyPaths
 
 
-def print_front(name: str, rows: list[dict], keys: list[str], complete: int, failed: int, hv: float, csv: Path,
+def print_front(name: str, rows: list[dict], keys: list[str], complete: int, failed: int, hv: float, csv: Path | None,
                 attacks: Sequence[str] = ()) -> None:
     from analysis import pareto
 
@@ -20,7 +20,7 @@ def print_front(name: str, rows: list[dict], keys: list[str], complete: int, fai
     else:
         title += "; no test-split figures yet (study resume runs the confirmation)" if rows else ""
     print(pareto.format_table(pareto.compact_params(rows, keys), title=title))
-    print(f"written to {csv}", flush=True)
+    print(f"written to {csv}" if csv is not None else "(not written: the study folder is read-only)", flush=True)
 
 
 def print_final_checks(finals: Mapping[int, dict], robustness: Any) -> None:
@@ -33,12 +33,27 @@ def print_final_checks(finals: Mapping[int, dict], robustness: Any) -> None:
     print("  (a failed check flags possible gradient masking or a broken evaluation: see docs/robustness.md)", flush=True)
 
 
-def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str]) -> None:
+MLFLOW_UI = "http://127.0.0.1:5000"
+
+
+def mlflow_page(experiment_id: str | None) -> str:
+    """The experiment's runs in MLflow's UI. MLflow 3's UI opens the GenAI overview of an experiment unless
+    workflowType=machine_learning says otherwise."""
+    if not experiment_id:
+        return f"{MLFLOW_UI}/#/experiments"
+    return f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str], experiment_id: str | None = None) -> None:
     store = manifest.storage
     dash = store[len("journal:"):] if store.startswith("journal:") else store
     cols = ",".join(["trial_id", *metrics[:2], "config/prune.keep_fraction"])  # fits 80 columns
-    print("\nLook at it with:\n"
-          f"    mlflow ui --backend-store-uri {manifest.tracking_uri}\n"
+    ui = (f"    mlflow ui --backend-store-uri {manifest.tracking_uri}\n"
+          f"      then open {mlflow_page(experiment_id)}\n"
+          if not manifest.tracking_uri.startswith(("http://", "https://")) else
+          f"    open {manifest.tracking_uri.rstrip('/')}/#/experiments/{experiment_id or ''}"
+          f"{'/runs?workflowType=machine_learning' if experiment_id else ''}\n")
+    print("\nLook at it with:\n" + ui +
           f"    optuna-dashboard {dash}\n"
           f"    tune ls {paths.experiment} --columns {cols}", flush=True)
 

@@ -1,6 +1,7 @@
 """Where a study lives on disk: runs/<name>/ and its manifest.
 
-    runs/<name>/study.json          the manifest: space file, Optuna storage URL, tracking URI, parent run id
+    runs/<name>/study.json          the manifest: space file, Optuna storage, tracking URI (relative to the folder), parent run id
+    runs/<name>/.lock               the running driver (study.search.lock)
     runs/<name>/space.yaml          the validated search space (what `study resume` reads)
     runs/<name>/optuna.db           the default Optuna storage
     runs/<name>/tune/<name>/        the Ray Tune experiment (per-epoch checkpoints, for resume)
@@ -70,6 +71,11 @@ def trial_dir(study_dir: str | Path, number: int) -> Path:
 
 @dataclass
 class Manifest:
+    """The study's manifest. In memory every location is absolute; on disk (study.json) the default
+    Optuna storage, the default MLflow store and the runs folder are written relative to the study
+    folder ("optuna.db", "../mlflow.db", "..") and resolved against the folder the manifest is read
+    from, so a copied or moved study folder never writes into the original. A URL the user gave
+    (postgresql://, http://, a sqlite file outside the runs folder) is kept as given."""
     name: str
     space_file: str  # the file the study came from
     storage: str  # Optuna storage URL or journal file
@@ -79,10 +85,96 @@ class Manifest:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        root = path.parent.resolve()
+        data = dataclasses.asdict(self)
+        data["storage"] = _relative(self.storage, root)
+        data["tracking_uri"] = _relative(self.tracking_uri, root)
+        if self.runs_dir and Path(self.runs_dir).resolve() == root.parent:
+            data["runs_dir"] = ".."
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
-        return cls(**json.loads(path.read_text()))
+        """Read a manifest, resolving relative locations against its folder. A manifest of an earlier
+        release (absolute paths) is migrated: a path under its old runs folder is moved to the same
+        place under the folder it is read from. Raises UserError on a damaged file."""
+        from study.errors import UserError
+
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            names = {f.name for f in dataclasses.fields(cls)}
+            missing = [k for k in ("name", "storage", "tracking_uri") if k not in data]
+            unknown = sorted(set(data) - names)
+            if missing or unknown:
+                raise ValueError(f"missing {', '.join(missing)}" if missing else f"unknown keys {', '.join(unknown)}")
+            if not all(isinstance(v, str) for v in data.values()):
+                raise ValueError("every value must be a string")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{path}: not a readable study manifest ({e}); restore it from a backup, or start "
+                            f"the study over with `study run ... --fresh`") from None
+        root = path.parent.resolve()
+        old_runs = data.get("runs_dir", "")
+        old_runs = Path(old_runs) if old_runs and Path(old_runs).is_absolute() else None
+        data["storage"] = _resolve(data["storage"], root, old_runs)
+        data["tracking_uri"] = _resolve(data["tracking_uri"], root, old_runs)
+        data["runs_dir"] = str(root.parent)
+        data.setdefault("space_file", "")
+        return cls(**data)
+
+
+_SQLITE = "sqlite:///"
+
+
+def _relative(url: str, root: Path) -> str:
+    """A sqlite or journal file under the runs folder (root.parent) as a path relative to the study folder."""
+    if url.startswith(_SQLITE):
+        path, scheme = url[len(_SQLITE):], _SQLITE
+    elif url.startswith("journal:"):
+        path, scheme = url[len("journal:"):], "journal:"
+        path = "/" + path.lstrip("/") if path.startswith("//") else path
+    elif "://" not in url and url.endswith((".log", ".journal")):
+        path, scheme = url, ""
+    else:
+        return url
+    p = Path(path)
+    if not p.is_absolute():
+        return url
+    try:
+        p.resolve().relative_to(root.parent)
+    except ValueError:
+        return url  # outside the runs folder: the user's own file, kept as given
+    rel = os.path.relpath(p.resolve(), root)
+    if scheme == _SQLITE and not rel.endswith(".db"):
+        return url
+    if scheme == "journal:" and not rel.endswith((".log", ".journal")):
+        return url
+    return rel
+
+
+def _resolve(value: str, root: Path, old_runs: Path | None) -> str:
+    """The absolute URL of a manifest entry (see Manifest)."""
+    if value and "://" not in value and not value.startswith("journal:") and not Path(value).is_absolute():
+        path = (root / value).resolve()
+        return str(path) if value.endswith((".log", ".journal")) else f"{_SQLITE}{path}"
+    if old_runs is None or old_runs == root.parent:
+        return value
+    for scheme in (_SQLITE, "journal:", ""):  # an earlier release's absolute path under its old runs folder
+        if scheme and not value.startswith(scheme):
+            continue
+        rest = value[len(scheme):]
+        if scheme == "journal:" and rest.startswith("//"):
+            rest = "/" + rest.lstrip("/")
+        p = Path(rest)
+        if not p.is_absolute():
+            continue
+        try:
+            tail = p.relative_to(old_runs)
+        except ValueError:
+            return value
+        moved = root.parent / tail
+        return f"{scheme}{moved}" if scheme != "journal:" else f"journal:{moved}"
+    return value

@@ -110,6 +110,25 @@ def searcher_class() -> type:
             running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             return next((t for t in sorted(running, key=lambda t: t.number) if t.number not in claimed), None)
 
+        def repoint(self, url: str) -> None:
+            """Use the Optuna storage at `url` (the manifest's, resolved against the study folder) instead of
+            the one pickled with the experiment: a copied or moved study must never write into the original.
+            Kept across Tune's restore of the searcher's state (`restore`)."""
+            import optuna
+
+            self._pinned_url = url
+            self._storage = open_storage(url)
+            if self._ot_study is not None:
+                self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                                   sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
+                self._ot_trials = {k: Trial(self._ot_study, t._trial_id) for k, t in self._ot_trials.items()}
+
+        def restore(self, checkpoint_path: str) -> None:
+            pinned = self.__dict__.get("_pinned_url")
+            super().restore(checkpoint_path)
+            if pinned:
+                self.repoint(pinned)
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             return  # multi-objective: Optuna takes no intermediate values
 
@@ -148,9 +167,38 @@ def searcher_class() -> type:
     return StudySearch
 
 
+@functools.lru_cache(maxsize=1)
+def relocated_class() -> type:
+    """RelocatedSearch: Tune's SearchGenerator for a restored experiment that may have moved. Tune restores
+    the generator's Experiment (its storage location, where new trials write) from the pickled state of
+    the first location; this one points it at the folder being resumed."""
+    import copy
+
+    from ray.tune.search.search_generator import SearchGenerator
+
+    class RelocatedSearch(SearchGenerator):
+        def __init__(self, searcher: Any, storage_path: str, name: str):
+            super().__init__(searcher)
+            self._relocate_to = (Path(storage_path).as_posix(), name)
+
+        def set_state(self, state: dict) -> None:
+            super().set_state(state)
+            exp = self._experiment
+            if exp is not None and getattr(exp, "storage", None) is not None:
+                storage = copy.copy(exp.storage)
+                storage.storage_fs_path, storage.experiment_dir_name = self._relocate_to
+                exp.storage = storage
+                exp.spec["storage"] = storage
+
+    RelocatedSearch.__module__, RelocatedSearch.__qualname__ = __name__, "RelocatedSearch"
+    return RelocatedSearch
+
+
 def __getattr__(name: str) -> Any:  # StudySearch, importable by module path (the Tuner pickles its searcher)
     if name == "StudySearch":
         return searcher_class()
+    if name == "RelocatedSearch":
+        return relocated_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

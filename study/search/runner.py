@@ -1,6 +1,9 @@
 """A study: a Ray Tune Tuner searched by Optuna, recorded in MLflow (`run_study`, `resume_study`,
 `report_study`, `wipe_study`: the bodies of `study run | resume | report`, whose flags are in study.cli).
 
+This module is over 400 lines because the Study class owns the whole run/resume lifecycle, including pointing
+a restored Tune experiment at a copied folder (RelocatedSearch); the next split is that relocation into its own module.
+
     study run search_spaces/quickstart.yaml      one search-space file = one study
     study resume quickstart                      continue an interrupted study (Ctrl-C, killed driver)
     study report quickstart                      reprint the Pareto front from the Optuna storage
@@ -95,6 +98,10 @@ class Study:
 
         uri = self.manifest.tracking_uri
         root = str(Path(self.manifest.runs_dir) / "mlartifacts" / self.space.study.name) if uri.startswith("sqlite:") else None
+        if root is not None:
+            from study.search.tracking import relocate_artifacts
+
+            relocate_artifacts(uri, self.space.study.name, Path(root))
         return Tracker(uri, self.space.study.name, artifact_root=root)
 
     def trainable(self, cpus: float, gpus: float) -> Any:
@@ -135,7 +142,15 @@ class Study:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus)(pretrain_task)
         t0 = time.perf_counter()
         print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) on {cpus:g} CPU / {gpus:g} GPU ...", flush=True)
-        path = ray.get(task.remote(cfg, max(1, int(cpus)), self.pretrain))
+        try:
+            path = ray.get(task.remote(cfg, max(1, int(cpus)), self.pretrain))
+        except ray.exceptions.RayTaskError as e:  # a user mistake inside the task: its one line, not Ray's stack
+            from study.errors import UserError
+            from study.trial.data import DataError
+
+            if isinstance(e.cause, (ConfigError, UserError, DataError)):
+                raise e.cause from None
+            raise
         print(f"[study] dense model ready in {time.perf_counter() - t0:.1f}s: {path}", flush=True)
 
     # --- the search ------------------------------------------------------------------------------
@@ -216,8 +231,10 @@ class Study:
         trainable = self.trainable(cpus, gpus)
         if resume and tune.Tuner.can_restore(str(self.paths.experiment)):
             print(f"[study] restoring the Tune experiment {self.paths.experiment}", flush=True)
-            return tune.Tuner.restore(str(self.paths.experiment), trainable=trainable, resume_unfinished=True,
-                                      resume_errored=False, restart_errored=False)
+            tuner = tune.Tuner.restore(str(self.paths.experiment), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+            self._repoint(tuner, tracker)
+            return tuner
         if self.paths.experiment.exists():  # a Tune folder that cannot be restored (died while starting)
             shutil.rmtree(self.paths.experiment)
         s = self.space.study
@@ -235,13 +252,37 @@ class Study:
                 callbacks=[self.callback(tracker)]),
         )
 
+    def _repoint(self, tuner: Any, tracker: Any) -> None:
+        """Tune pickled the searcher (with its Optuna storage) and the MLflow callback (with its tracking
+        URI) at the study's first location: point both at this folder's manifest, so a copied or moved
+        study writes only into itself."""
+        from ray.tune.search import ConcurrencyLimiter
+
+        from study.search.optuna_search import relocated_class
+
+        internal = tuner._local_tuner
+        config = internal._tune_config
+        search_alg = config.search_alg
+        while hasattr(search_alg, "searcher"):  # a RelocatedSearch / ConcurrencyLimiter of an earlier resume
+            search_alg = search_alg.searcher
+        if not hasattr(search_alg, "repoint"):  # a searcher of an unknown kind: never resume against its storage
+            search_alg = self.searcher()
+        search_alg.repoint(self.manifest.storage)
+        limited = ConcurrencyLimiter(search_alg, max_concurrent=self.space.study.max_concurrent)
+        config.search_alg = relocated_class()(limited, str(self.paths.tune_dir), self.space.study.name)
+        config.max_concurrent_trials = None  # the limiter is inside
+        internal._run_config.callbacks = [self.callback(tracker)]
+
     def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:
         from analysis import pareto
 
         s = self.space.study
         rows = pareto.front_rows(optuna_study, s.metrics)
         suites, attacks = front.add_test_columns(self, rows)
-        csv = pareto.write_csv(rows, self.paths.pareto)
+        writable = tracker is not None or _writable(self.paths.root)
+        if not writable:
+            log.warning("the study folder %s is read-only: pareto.csv and the report are not rewritten", self.paths.root)
+        csv = pareto.write_csv(rows, self.paths.pareto) if writable else None
         complete, failed = counts(optuna_study)
         hv = pareto.study_hypervolume(optuna_study)
         # The terminal gets test clean/robust (the attack named above the table), the objectives' suite test
@@ -257,10 +298,16 @@ class Study:
             tracker.log_batch(run, metrics={"trials_complete": complete, "trials_failed": failed,
                                             "pareto_size": len(rows), "hypervolume": hv})
             tracker.log_file(run, csv)
-        self.write_report(optuna_study, tracker if tracker is not None else report_tracker)
+        if writable:
+            self.write_report(optuna_study, tracker if tracker is not None else report_tracker)
         if tracker is not None:
             tracker.finish(self.manifest.parent_run_id, "FINISHED")
-        console.print_viewers(self.paths, self.manifest, s.metrics)
+        viewer = tracker if tracker is not None else report_tracker
+        try:
+            experiment_id = viewer.experiment_id if viewer is not None else None
+        except Exception:  # noqa: BLE001 - a link is a courtesy
+            experiment_id = None
+        console.print_viewers(self.paths, self.manifest, s.metrics, experiment_id)
         return Outcome("complete", complete, failed, rows, csv, self.manifest.parent_run_id)
 
     def write_report(self, optuna_study: Any, tracker: Any | None) -> Path | None:
@@ -286,37 +333,91 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
               storage: str | None = None, fresh: bool = False, run_trial: Callable | None = None,
               pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None,
               final_eval: bool = True) -> Outcome:
-    """Start a study from a validated search space (refuses to overwrite one unless `fresh`)."""
+    """Start a study from a validated search space (refuses to overwrite one unless `fresh`).
+
+    Everything that can be checked is checked before anything is created (study.search.preflight); a
+    failure after creation, before any trial ran, removes what this invocation created."""
+    from study.search.lock import StudyLock
     from study.search.tracking import default_tracking_uri
 
     name = space.study.name
     paths = study_paths(runs_dir, name)
     url = storage or space.study.storage or paths.default_storage
-    if fresh:
-        wipe_study(paths, url, tracking_uri or default_tracking_uri(runs_dir))
-    elif paths.manifest.exists() or paths.experiment.exists():
+    uri = tracking_uri or default_tracking_uri(runs_dir)
+    lock = StudyLock(paths.root)
+    lock.refuse_if_held()  # a live driver: refused before anything, --fresh included
+    if not fresh and (paths.manifest.exists() or paths.experiment.exists()):
         raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.root}; "
                           f"continue it with `study resume {name}`, or start over with --fresh", space.path)
+    _preflight(space, url, uri, address, num_cpus)
     if not fresh and (url != paths.default_storage or (paths.root / "optuna.db").exists()):
         refuse_existing(url, name, space.path)
-    manifest = Manifest(name=name, space_file=str(Path(space.path).resolve()), storage=url,
-                        tracking_uri=tracking_uri or default_tracking_uri(runs_dir),
-                        runs_dir=str(Path(runs_dir).resolve()))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    header = f"# the validated search space of study {name!r}, from {space.path}\n"
-    paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
-    manifest.save(paths.manifest)
+    existed = paths.root.exists()
+    lock.acquire()
+    try:
+        if fresh:
+            wipe_study(paths, url, uri)
+        manifest = Manifest(name=name, space_file=str(Path(space.path).resolve()), storage=url,
+                            tracking_uri=uri, runs_dir=str(Path(runs_dir).resolve()))
+        header = f"# the validated search space of study {name!r}, from {space.path}\n"
+        paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
+        manifest.save(paths.manifest)
+        study = Study(space, paths, manifest, run_trial, pretrain, final_eval)
+        try:
+            return study.execute(resume=False)
+        except Exception:
+            _undo_creation(paths, url, uri, existed)
+            raise
+    finally:
+        lock.release()
+
+
+def _preflight(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:
+    """Checks before anything is created (one line each, study.search.preflight); starts Ray."""
+    from study.search import preflight
+
+    preflight.check_num_cpus(num_cpus)
+    preflight.check_address(address)
+    preflight.check_storage(storage)
+    preflight.check_tracking(tracking_uri)
+    preflight.check_data(space)
     start_ray(address, num_cpus)
-    return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=False)
+    s = space.study
+    preflight.check_resources(s.cpus_per_trial, resolve_gpus(s.gpus_per_trial),
+                              joined=bool(address or os.environ.get("RAY_ADDRESS")))
+
+
+def _undo_creation(paths: StudyPaths, storage_url: str, tracking_uri: str, existed: bool) -> None:
+    """A study that failed before its first trial ran: remove what this invocation created (its Optuna
+    study, its MLflow runs, its folder), so that the same command can simply be run again."""
+    try:
+        study = load_optuna_study(storage_url, paths.name)
+        if study.get_trials(deepcopy=False) or paths.experiment.exists():
+            log.warning("study %s failed after its search started; `study resume %s` continues it", paths.name,
+                        paths.name)
+            return
+    except Exception:  # noqa: BLE001 - no Optuna study yet
+        pass
+    try:
+        wipe_study(paths, storage_url, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - the original error matters more
+        log.warning("could not clean up the failed study %s: %s", paths.name, e)
+    if not existed:
+        shutil.rmtree(paths.root, ignore_errors=True)
 
 
 def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callable | None = None,
                  pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None,
                  final_eval: bool = True) -> Outcome:
     """Continue a study from its manifest: Tune's checkpoint where there is one, Optuna's storage anyway."""
+    from study.search.lock import StudyLock
+
     paths, manifest, space = _open(name, runs_dir)
-    start_ray(address, num_cpus)
-    return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=True)
+    lock = StudyLock(paths.root)
+    lock.refuse_if_held()
+    _preflight(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
+    with lock.acquire():
+        return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=True)
 
 
 def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: float = 1.0) -> Outcome:
@@ -326,7 +427,20 @@ def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: flo
     study = load_optuna_study(manifest.storage, name)
     s = Study(space, paths, manifest)
     s.within_points = within_points
-    return s.finish(study, report_tracker=s.tracker())
+    return s.finish(study, report_tracker=s.tracker() if _writable(paths.root) else None)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be written in `folder` (a read-only copy or mount of a study is still reported)."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK):
+        return False
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            return True
+    except OSError:
+        return False
 
 
 def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, SearchSpace]:
