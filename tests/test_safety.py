@@ -241,15 +241,16 @@ def _trial_folder(folder: Path, model_bytes: bytes, config: dict | None = None) 
 
 def test_damaged_or_code_carrying_checkpoints_are_refused_in_one_line(tmp_path, capsys):
     import io
+    import random
 
     import torch
 
     buf, evil = io.BytesIO(), io.BytesIO()
     torch.save({"w": torch.zeros(100, 100)}, buf)
     torch.save({"model": _Code()}, evil)  # a checkpoint whose unpickling would call os.system
-    cases = {"random": (os.urandom(4096), "not a readable model checkpoint"),
-             "truncated": (buf.getvalue()[: len(buf.getvalue()) // 2], "not a readable model checkpoint"),
-             "code": (evil.getvalue(), "refused: the checkpoint holds more than tensors")}
+    cases = {f"random{i}": (random.Random(i).randbytes(4096), "not a readable model checkpoint") for i in range(8)}
+    cases |= {"truncated": (buf.getvalue()[: len(buf.getvalue()) // 2], "not a readable model checkpoint"),
+              "code": (evil.getvalue(), "refused: the checkpoint holds more than tensors")}
     for name, (data, expect) in cases.items():
         folder = _trial_folder(tmp_path / name, data)
         rc, errors, err, _ = _cli(["evaluate", str(folder), "--points", "8", "--steps", "1"], capsys)
