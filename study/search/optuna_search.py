@@ -35,10 +35,28 @@ def open_storage(url: str) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(path))
     if "://" not in url:
         raise ConfigError("--storage", f"{url!r} is neither a database URL (sqlite:///abs/optuna.db) nor a journal file (*.log)")
+    kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+        kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}}
+    return _open_rdb(url, kwargs)
+
+
+def _open_rdb(url: str, kwargs: dict[str, Any], tries: int = 5) -> Any:
+    """RDBStorage, retried when another process creates the same new database at the same moment (both
+    stamp the schema version: one of them gets a UNIQUE-constraint IntegrityError; the schema is then there)."""
+    import time
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @functools.lru_cache(maxsize=4)
