@@ -104,7 +104,9 @@ def _add_trial_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs-dir", default="runs", help="where studies live (default: runs)")
+    p.add_argument("--runs-dir", default=os.environ.get("STUDY_RUNS_DIR") or "runs",
+                   help="where studies live: a folder, or an object store (s3://BUCKET/PREFIX, gs://BUCKET/PREFIX) "
+                   "for a cluster without a shared file system (default: $STUDY_RUNS_DIR, else runs)")
 
 
 def _add_final_eval(p: argparse.ArgumentParser) -> None:

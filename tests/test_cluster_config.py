@@ -275,3 +275,22 @@ def test_docs_use_real_ray_cli_commands():
             assert m.group(3) in cmd.commands, f"docs/cluster.md: `{line}` is not a command"
         seen += 1
     assert seen >= 5
+
+
+def test_aws_file_keeps_the_study_in_a_bucket():
+    """cluster.yaml ships with the study folder in S3: one value (STUDY_RUNS_DIR, every `study` command's
+    default --runs-dir) to change, and the workers get the instance profile that may use the bucket."""
+    cfg = load(AWS_FILE)
+    exports = [c for c in cfg["setup_commands"] if "STUDY_RUNS_DIR=" in c]
+    assert len(exports) == 1 and "export STUDY_RUNS_DIR=s3://" in exports[0], exports
+    worker = cfg["available_node_types"]["worker.gpu"]["node_config"]
+    assert worker["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}
+    from study.cli import build_parser
+    import os
+
+    os.environ["STUDY_RUNS_DIR"] = "s3://bucket/prefix"
+    try:
+        args = build_parser().parse_args(["resume", "name"])
+    finally:
+        del os.environ["STUDY_RUNS_DIR"]
+    assert args.runs_dir == "s3://bucket/prefix"

@@ -4,7 +4,8 @@
     study evaluate runs:/<run id> --tracking-uri sqlite:///runs/mlflow.db --reference runs/trials/dense
 
 TARGET is a trial output folder (result.json + model.pt, as `study trial` and the study's trials write
-them), a model.pt next to a result.json, or an MLflow run id (`runs:/<id>` or the 32 hex digits). The
+them; also in an object store: s3://BUCKET/PREFIX/<study>/trials/0003), a model.pt next to a result.json,
+or an MLflow run id (`runs:/<id>` or the 32 hex digits). The
 model and the data are rebuilt from the trial's own config; the TEST split is evaluated. For a run id the
 model comes from the run's artifacts (a model.pt, with a result.json or trial_config.json beside it) or,
 where the study keeps it outside MLflow, from the trial folder the run's params name (output_dir and the
@@ -16,188 +17,20 @@ from __future__ import annotations
 import json as json_io
 import math
 import os
-import re
 import tempfile
 import time
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from study.errors import UserError, did_you_mean
-from study.keys import NUMBER_KEY
+from study.robustness.targets import Target, load_model, mlflow_client, resolve
 from study.robustness.threats import THREATS
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # pixel budgets (Croce et al. use 10-24 pixels on MNIST/CIFAR), capped at half the image
 L0_PIXELS = (0, 1, 2, 5, 10, 20)
 METRIC_PREFIX = "robustness."
 
-
-# ---------------------------------------------------------------------------------------------------
-# Targets: a trial folder, a checkpoint, or an MLflow run.
-
-
-@dataclass
-class Target:
-    text: str            # as given on the command line
-    config: Any          # TrialConfig
-    model_path: Path
-    run_id: str = ""     # set when TARGET was an MLflow run
-    tracking_uri: str = ""
-
-
-def resolve(text: str, tracking_uri: str, scratch: Path) -> Target:
-    """A Target from a command-line TARGET; downloads a run's artifacts into `scratch`."""
-    if text.startswith("runs:/"):
-        run_id = text[len("runs:/"):].strip("/").split("/")[0]
-        if not RUN_ID.match(run_id):
-            raise UserError(f"{text}: not an MLflow run id (runs:/ followed by 32 hex digits)")
-        return _from_run(text, run_id, tracking_uri, scratch)
-    path = Path(text)
-    if path.is_dir():
-        return _from_folder(text, path)
-    if path.is_file():
-        if not (path.parent / "result.json").is_file():
-            raise UserError(f"{text}: no result.json beside the checkpoint (its trial config is read from there)")
-        return Target(text, _config_from_result(path.parent / "result.json"), path)
-    if RUN_ID.match(text):
-        return _from_run(text, text, tracking_uri, scratch)
-    raise UserError(f"{text}: no such file or folder, and not an MLflow run id (runs:/<id> or 32 hex digits)")
-
-
-def _from_folder(text: str, folder: Path) -> Target:
-    missing = [n for n in ("result.json", "model.pt") if not (folder / n).is_file()]
-    if missing:
-        raise UserError(f"{text}: not a trial output folder (missing {' and '.join(missing)})")
-    return Target(text, _config_from_result(folder / "result.json"), folder / "model.pt")
-
-
-def _config_from_result(path: Path) -> Any:
-    from study.trial.config import ConfigError, trial_from_dict
-
-    try:
-        config = json_io.loads(path.read_text())["config"]
-        missing = [k for k in ("model", "data") if not isinstance(config.get(k), dict)]
-        if missing:  # the defaults would silently rebuild another model on another data set
-            raise UserError(f"{path}: the trial config has no {' and '.join(repr(k) for k in missing)} "
-                            f"section{'s' if len(missing) > 1 else ''}; it cannot say which model and data "
-                            f"the checkpoint belongs to")
-        return trial_from_dict(config)
-    except (json_io.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a trial result (no readable 'config': {e})") from None
-    except ConfigError as e:
-        raise e.with_source(path) from None
-
-
-def _client(tracking_uri: str):
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        if not db.is_file():  # MlflowClient would quietly create an empty store
-            raise UserError(f"--tracking-uri {tracking_uri}: no tracking store at {db}")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _artifacts(client, run_id: str, path: str | None = None, depth: int = 3) -> list[str]:
-    out = []
-    for f in client.list_artifacts(run_id, path):
-        if f.is_dir and depth > 0:
-            out += _artifacts(client, run_id, f.path, depth - 1)
-        elif not f.is_dir:
-            out.append(f.path)
-    return out
-
-
-def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Target:
-    from mlflow.exceptions import MlflowException
-
-    from study.trial.config import trial_from_dict, unflatten
-
-    client = _client(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise UserError(f"{text}: no MLflow run {run_id} in {tracking_uri}") from None
-    files = _artifacts(client, run_id)
-    by_name: dict[str, list[str]] = {}
-    for f in files:
-        by_name.setdefault(f.rsplit("/", 1)[-1], []).append(f)
-    models = by_name.get("model.pt", [])
-    if models:  # the model is an artifact: prefer one with its result.json beside it
-        folder = lambda p: p.rsplit("/", 1)[0] if "/" in p else ""  # noqa: E731
-        results = {folder(p): p for p in by_name.get("result.json", [])}
-        model = next((m for m in models if folder(m) in results), models[0])
-        model_path = Path(client.download_artifacts(run_id, model, str(scratch)))
-        if folder(model) in results:
-            config = _config_from_result(Path(client.download_artifacts(run_id, results[folder(model)], str(scratch))))
-        elif by_name.get("trial_config.json"):
-            flat = json_io.loads(Path(client.download_artifacts(run_id, by_name["trial_config.json"][0],
-                                                             str(scratch))).read_text())
-            config = trial_from_dict(unflatten(flat))
-        else:
-            config = trial_from_dict(unflatten(run.data.params))
-        return Target(text, config, model_path, run_id, tracking_uri)
-    folder_path = _trial_folder(run)
-    if folder_path is not None and (folder_path / "model.pt").is_file() and (folder_path / "result.json").is_file():
-        target = _from_folder(text, folder_path)
-        return Target(text, target.config, target.model_path, run_id, tracking_uri)
-    where = f" nor in its trial folder {folder_path}" if folder_path is not None else ""
-    raise UserError(f"{text}: MLflow run {run_id} has no model artifact (no model.pt among its "
-                      f"{len(files)} artifacts{where}); evaluate its trial folder or checkpoint instead")
-
-
-def _trial_folder(run) -> Path | None:
-    """Where the study keeps a trial's result.json and model.pt: <output_dir>/<optuna number, 4 digits>."""
-    tags, params = run.data.tags, run.data.params
-    if tags.get("trial_dir"):
-        return Path(tags["trial_dir"])
-    number = tags.get(NUMBER_KEY, "")
-    if params.get("output_dir") and number.lstrip("-").isdigit():
-        return Path(params["output_dir"]) / f"{int(number):04d}"
-    return None
-
-
-def load_model(target: Target, info, device):
-    """The trial's architecture with the exported (hard-zero) weights, in eval mode."""
-    import torch
-
-    from study.trial.models import load_exported
-
-    cfg = target.config
-    state = read_checkpoint(target.model_path)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        return load_exported(cfg, state, info, device)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise UserError(f"{target.model_path}: does not load into {cfg.model.arch} (width {cfg.model.width}) "
-                          f"for {cfg.data.name}: {first[1].strip() if len(first) > 1 else first[0]}") from None
-
-
-def read_checkpoint(path: Path) -> Any:
-    """A model.pt's tensors, loaded with torch's weights-only unpickler (a checkpoint that carries code is
-    refused, never run); a damaged or foreign file is a UserError naming it."""
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        if "GLOBAL" in text or "Unsupported global" in text or "Unsupported class" in text:
-            detail = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
-            raise UserError(f"{path}: refused: the checkpoint holds more than tensors (it could run code when "
-                            f"loaded){': ' + detail if detail else ''}") from None
-        detail = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "unpickling failed")
-        raise UserError(f"{path}: not a readable model checkpoint (damaged: {detail})") from None
-    except Exception as e:  # noqa: BLE001 - arbitrary bytes fail inside torch's loaders in arbitrary ways
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path}: not a readable model checkpoint (damaged or truncated: {first})") from None
 
 
 def zero_share(model) -> float:
@@ -370,7 +203,7 @@ def log_to_run(target: Target, report, payload: dict) -> None:
     """Flat metrics (prefixed, so the trial's own clean_acc is not overwritten), tags and robustness.json."""
     from mlflow.entities import Metric, RunTag
 
-    client = _client(target.tracking_uri)
+    client = mlflow_client(target.tracking_uri)
     now = int(time.time() * 1000)
     metrics = [Metric(METRIC_PREFIX + k, float(v), now, 0) for k, v in report.flat_metrics().items()]
     tags = [RunTag("robustness.suspect", str(report.suspect).lower()),

@@ -55,7 +55,9 @@ def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str], exp
           f"{'/runs?workflowType=machine_learning' if experiment_id else ''}\n")
     print("\nLook at it with:\n" + ui +
           f"    optuna-dashboard {dash}\n"
-          f"    tune ls {paths.experiment} --columns {cols}", flush=True)
+          f"    tune ls {paths.experiment_location} --columns {cols}", flush=True)
+    if paths.remote:
+        print(f"The study's files are in {paths.location()} (this machine keeps a copy in {paths.root}).", flush=True)
 
 
 def print_interrupted(name: str, done: int, n_trials: int, runs_dir: str | None) -> None:

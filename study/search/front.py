@@ -40,7 +40,7 @@ def evaluate_front(st: "Study", optuna_study: Any, tracker: Any, cpus: float, gp
     suite, conf = s.robustness, s.confirm
     todo = []
     for t in pareto.front_trials(optuna_study):
-        folder = trial_dir(st.paths.root, t.number)
+        folder = st.trial_folder(t.number)
         need_confirm = front_files.load_confirm(folder, conf) is None
         need_suite = suite is not None and front_files.load_final(folder, suite.final_budget) is None
         if not (need_confirm or need_suite):

@@ -8,6 +8,10 @@
     runs/<name>/pretrained/         the dense checkpoint, keyed by its config
     runs/<name>/trials/<number>/    result.json, model.pt, final.json, confirm.json, robustness_final.json
     runs/<name>/pareto.csv          the Pareto front
+
+With --runs-dir on an object store (s3://BUCKET/PREFIX, study.search.store) the same layout lives in the
+bucket, and `root` is the driver's local mirror of it: `push` copies what the driver wrote to the bucket,
+`pull` brings what it reads from there. Both do nothing for a local study.
 """
 from __future__ import annotations
 
@@ -16,16 +20,117 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+
+from study.search.store import Store, data_dir, is_remote, mirror_dir
 
 TRIAL_FINAL_FILE = "final.json"  # a finished trial's last report (reported again, not retrained, on resume)
 CONFIRM_FILE = "confirm.json"  # a front trial's test-split confirmation (study.confirm)
 SUITE_FINAL_FILE = "robustness_final.json"  # a front trial's robustness suite on test (study.robustness)
+STORAGE_SNAPSHOT = "optuna.db"  # in a bucket: a copy of an object-store study's local sqlite Optuna storage
+
+
+def sqlite_file(url: str) -> Path:
+    """The file of a sqlite:/// URL (a path that never exists for other URLs)."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else Path("/nonexistent/not-sqlite")
 
 
 @dataclass(frozen=True)
 class StudyPaths:
-    root: Path  # runs/<name>, absolute
+    root: Path  # runs/<name>, absolute (for an object-store study: its local mirror)
     name: str
+    store: Store | None = None  # the study folder in an object store (its truth), None for a local study
+    runs: str = ""  # the runs folder as the user gave it, for an object-store study
+
+    @property
+    def remote(self) -> bool:
+        return self.store is not None
+
+    @property
+    def tune_storage(self) -> str:
+        """Tune's storage_path: the tune folder, or its object-store URI."""
+        return self.store.url("tune") if self.store is not None else str(self.tune_dir)
+
+    @property
+    def experiment_location(self) -> str:
+        """The Tune experiment (for Tuner.can_restore / restore, `tune ls`): a path or a URI."""
+        return self.store.url(f"tune/{self.name}") if self.store is not None else str(self.experiment)
+
+    def experiment_exists(self) -> bool:
+        return self.store.exists(f"tune/{self.name}") if self.store is not None else self.experiment.exists()
+
+    def remove_experiment(self) -> None:
+        import shutil
+
+        if self.store is not None:
+            self.store.delete_tree(f"tune/{self.name}")
+        shutil.rmtree(self.experiment, ignore_errors=True)
+
+    def location(self, rel: str = "") -> str:
+        """Where a file of the study really lives, for messages: the bucket's URI or the local path."""
+        return self.store.url(rel) if self.store is not None else str(self.root / rel if rel else self.root)
+
+    def push(self, *rels: str) -> None:
+        """Copy these files of the mirror to the bucket (those that exist locally)."""
+        if self.store is None:
+            return
+        for rel in rels:
+            if (self.root / rel).is_file():
+                self.store.upload_file(self.root / rel, rel)
+
+    def pull(self, *rels: str) -> None:
+        """Bring these files of the bucket to the mirror (those that exist there)."""
+        if self.store is None:
+            return
+        for rel in rels:
+            if self.store.is_file(rel):
+                self.store.download_file(rel, self.root / rel)
+
+    def push_tree(self, rel: str, names: Iterable[str] | None = None) -> None:
+        if self.store is not None:
+            self.store.upload_tree(self.root / rel, rel, names)
+
+    def pull_tree(self, rel: str, names: Iterable[str] | None = None, skip: Iterable[str] = ()) -> None:
+        if self.store is not None:
+            self.store.download_tree(rel, self.root / rel, names, skip)
+
+    def studies_beside(self) -> list[str]:
+        """The studies in this study's runs folder of the bucket (names with a study.json)."""
+        runs = Store(self.runs)
+        return [d for d in runs.list_dirs() if runs.is_file(f"{d}/study.json")]
+
+    def snapshot_storage(self, url: str) -> None:
+        """An object-store study whose Optuna storage is the driver's local sqlite file: a copy of it goes to
+        the bucket (STORAGE_SNAPSHOT) when the driver stops, so `study report` works from any machine."""
+        if self.store is not None and sqlite_file(url).is_file():
+            self.store.upload_file(sqlite_file(url), STORAGE_SNAPSHOT)
+
+    def check_storage_here(self, url: str) -> None:
+        """Resuming writes to the Optuna storage: an object-store study's sqlite file must be on this machine
+        (such a study resumes anywhere only with a database URL as its storage)."""
+        from study.errors import UserError
+
+        if self.store is not None and url.startswith("sqlite:///") and not sqlite_file(url).is_file():
+            raise UserError(f"study {self.name!r} keeps its Optuna trials in {url}, a file on the machine that "
+                            f"started it, not here: resume it there, or start studies that must resume anywhere "
+                            f"with --storage postgresql://... (or mysql://...)")
+
+    def readable_storage(self, url: str) -> str:
+        """The Optuna storage to read the study from: its own, or, for an object-store study whose sqlite file
+        is on another machine, the copy the driver left in the bucket (fetched into the mirror)."""
+        if self.store is None or not url.startswith("sqlite:///") or sqlite_file(url).is_file() \
+                or not self.store.is_file(STORAGE_SNAPSHOT):
+            return url
+        local = self.store.download_file(STORAGE_SNAPSHOT, self.root / STORAGE_SNAPSHOT)
+        print(f"[study] reading the copy of the Optuna storage in {self.location(STORAGE_SNAPSHOT)} (its own, "
+              f"{url}, is on another machine)", flush=True)
+        return f"sqlite:///{local}"
+
+    def pull_trial(self, number: int) -> Path:
+        """A trial's folder in the mirror, filled from the bucket (the local folder of a local study)."""
+        folder = trial_dir(self.root, number)
+        self.pull_tree(f"trials/{number:04d}")
+        return folder
 
     @property
     def manifest(self) -> Path:
@@ -57,10 +162,19 @@ class StudyPaths:
 
     @property
     def default_storage(self) -> str:
+        """A sqlite file in the study folder; for an object-store study (no file locks there), on the
+        driver's disk (study.search.store.data_dir)."""
+        if self.store is not None:
+            folder = data_dir(self.runs) / self.name
+            folder.mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{folder / 'optuna.db'}"
         return f"sqlite:///{self.root / 'optuna.db'}"
 
 
 def study_paths(runs_dir: str | Path, name: str) -> StudyPaths:
+    if is_remote(runs_dir):
+        uri = str(runs_dir).rstrip("/")
+        return StudyPaths(mirror_dir(uri) / name, name, Store(uri).child(name), uri)
     return StudyPaths(Path(runs_dir).resolve() / name, name)
 
 
@@ -117,11 +231,11 @@ class Manifest:
             raise UserError(f"{path}: not a readable study manifest ({e}); restore it from a backup, or start "
                             f"the study over with `study run ... --fresh`") from None
         root = path.parent.resolve()
-        old_runs = data.get("runs_dir", "")
+        old_runs = old_text = data.get("runs_dir", "")
         old_runs = Path(old_runs) if old_runs and Path(old_runs).is_absolute() else None
         data["storage"] = _resolve(data["storage"], root, old_runs)
         data["tracking_uri"] = _resolve(data["tracking_uri"], root, old_runs)
-        data["runs_dir"] = str(root.parent)
+        data["runs_dir"] = old_text if is_remote(old_text) else str(root.parent)  # a bucket stays a bucket
         data.setdefault("space_file", "")
         return cls(**data)
 

@@ -194,9 +194,15 @@ def relocated_class() -> type:
 
     from ray.tune.search.search_generator import SearchGenerator
 
+    from study.search.store import is_remote
+
     class RelocatedSearch(SearchGenerator):
         def __init__(self, searcher: Any, storage_path: str, name: str):
             super().__init__(searcher)
+            if is_remote(storage_path):  # Tune keeps the bucket's path without the scheme (bucket/prefix/...)
+                from pyarrow import fs as pafs
+
+                storage_path = pafs.FileSystem.from_uri(storage_path)[1]
             self._relocate_to = (Path(storage_path).as_posix(), name)
 
         def set_state(self, state: dict) -> None:

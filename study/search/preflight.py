@@ -1,4 +1,5 @@
-"""Checks made before a study creates anything (one line, exit status 2 through study.cli): the data set
+"""Checks made before a study creates anything (one line, exit status 2 through study.cli): the runs folder
+(an object-store bucket must exist and accept these credentials), the data set
 is on disk, the MLflow tracking URI answers, the Optuna storage's driver imports and it connects, the
 Ray address answers, and a trial's resources fit the cluster."""
 from __future__ import annotations
@@ -42,8 +43,27 @@ def check_tracking(uri: str) -> None:
                         "--tracking-uri out for the local store runs/mlflow.db") from None
 
 
+def check_runs_dir(runs_dir: Any, write: bool = True) -> None:
+    """--runs-dir: a local folder, or an object-store URI whose bucket exists and that these credentials can
+    read (and write, with `write`); study.search.store.check."""
+    text = str(runs_dir)
+    if "://" not in text:
+        return
+    from study.search import store
+
+    store.check(text.rstrip("/"), write=write)
+
+
 def check_storage(url: str) -> None:
-    """A database URL's driver must import and the database must accept a connection."""
+    """A database URL's driver must import and the database must accept a connection. A journal file on an
+    object store is refused: Optuna's journal needs file locks, which object stores lack."""
+    from study.search.store import is_remote
+
+    journal = url[len("journal:"):] if url.startswith("journal:") else url if "://" not in url or is_remote(url) else ""
+    if journal and is_remote(journal):
+        raise UserError(f"--storage {url}: an Optuna journal file needs file locks, which an object store does not "
+                        "have; use a database URL (postgresql://..., mysql://...) or a sqlite file on the driver's "
+                        "disk (the default for an object-store --runs-dir)")
     if "://" not in url or url.startswith(("sqlite:", "journal:")):
         return
     import sqlalchemy

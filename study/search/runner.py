@@ -2,14 +2,16 @@
 `report_study`, `wipe_study`: the bodies of `study run | resume | report`, whose flags are in study.cli).
 
 This module is over 400 lines because the Study class owns the whole run/resume lifecycle, including pointing
-a restored Tune experiment at a copied folder (RelocatedSearch); the next split is that relocation into its own module.
+a restored Tune experiment at a copied folder (RelocatedSearch) and keeping an object-store study's bucket and
+local mirror in step (the file operations themselves are in study.search.layout/store); the next splits are
+that relocation into its own module and the entry points (run_study ... wipe_study) into theirs.
 
     study run search_spaces/quickstart.yaml      one search-space file = one study
     study resume quickstart                      continue an interrupted study (Ctrl-C, killed driver)
     study report quickstart                      reprint the Pareto front from the Optuna storage
 
-A study lives in runs/<name>/ (study.search.layout); MLflow defaults to runs/mlflow.db (one experiment
-per study).
+A study lives in runs/<name>/ (study.search.layout), or in a bucket (--runs-dir s3://..., study.search.store);
+MLflow defaults to runs/mlflow.db (one experiment per study).
 
 Trials are selected on validation figures only. After the search, every Pareto-front trial is evaluated
 on the TEST split (`Study.final_evaluation`: study.confirm always, the study.robustness suite's final
@@ -43,7 +45,8 @@ import yaml
 from study.errors import ConfigError
 from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
 from study.search import console, front
-from study.search.layout import Manifest, StudyPaths, study_paths, trial_dir
+from study.search.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, Manifest, StudyPaths, sqlite_file,
+                                 study_paths)
 from study.search.optuna_search import (counts, define_by_run, fail_running, finished_count, link_mlflow_run,
                                         load_optuna_study, open_storage, refuse_existing, searcher_class)
 from study.search.ray_cluster import resolve_gpus, start_ray
@@ -88,8 +91,9 @@ class Study:
         s = space.study
         cache = space.base_config().cache_dir
         explicit_cache = "cache_dir" in space.trial
-        self.fixed = {"name": s.name, "cache_dir": str(Path(cache).resolve() if explicit_cache else paths.pretrained),
-                      "output_dir": str(paths.trials)}
+        own_cache = paths.location("pretrained") if paths.remote else str(paths.pretrained)
+        self.fixed = {"name": s.name, "cache_dir": str(Path(cache).resolve()) if explicit_cache else own_cache,
+                      "output_dir": paths.location("trials")}
 
     # --- pieces ----------------------------------------------------------------------------------
 
@@ -97,7 +101,11 @@ class Study:
         from study.search.tracking import Tracker
 
         uri = self.manifest.tracking_uri
-        root = str(Path(self.manifest.runs_dir) / "mlartifacts" / self.space.study.name) if uri.startswith("sqlite:") else None
+        name = self.space.study.name
+        if self.paths.remote:  # a local MLflow store keeps the artifacts in the bucket, beside the study
+            return Tracker(uri, name, artifact_root=f"{self.paths.runs}/mlartifacts/{name}" if uri.startswith("sqlite:")
+                           else None)
+        root = str(Path(self.manifest.runs_dir) / "mlartifacts" / name) if uri.startswith("sqlite:") else None
         if root is not None:
             from study.search.tracking import relocate_artifacts
 
@@ -109,7 +117,7 @@ class Study:
 
         s = self.space.study
         fn = tune.with_parameters(study_trainable, base=self.space.trial, fixed=self.fixed, objectives=s.metrics,
-                                  study_dir=str(self.paths.root), threads=max(1, int(cpus)), run_trial=self.run_trial,
+                                  study_dir=self.paths.location(), threads=max(1, int(cpus)), run_trial=self.run_trial,
                                   robustness=s.robustness)
         return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
@@ -125,7 +133,15 @@ class Study:
         return MlflowTrialCallback(tracker, self.space.study.name, self.manifest.parent_run_id, str(self.paths.space),
                                    trial_config=functools.partial(build_config, self.space.trial, self.fixed),
                                    link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name),
-                                   trial_dir=functools.partial(trial_dir, self.paths.root))
+                                   trial_dir=self.paths.pull_trial)
+
+    def save_manifest(self) -> None:
+        self.manifest.save(self.paths.manifest)
+        self.paths.push("study.json")
+
+    def trial_folder(self, number: int) -> Path:
+        """A trial's files, local (for an object-store study: pulled into the mirror first)."""
+        return self.paths.pull_trial(number)
 
     def trial_config(self, config: Mapping[str, Any]) -> Any:
         """The TrialConfig of a Tune trial config (searched values + NUMBER_KEY) in this study."""
@@ -166,12 +182,12 @@ class Study:
         params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
         self.manifest.parent_run_id = open_parent_run(tracker, s.name, self.manifest.parent_run_id, params,
                                                       self.paths.space)
-        self.manifest.save(self.paths.manifest)
+        self.save_manifest()
         gpus = resolve_gpus(s.gpus_per_trial)
         cpus = s.cpus_per_trial
         remaining = s.n_trials - finished_count(optuna_study)
         t0 = time.monotonic()
-        if remaining > 0 or (resume and tune.Tuner.can_restore(str(self.paths.experiment))):
+        if remaining > 0 or (resume and tune.Tuner.can_restore(self.paths.experiment_location)):
             self.run_pretraining(cpus, gpus)
             tuner = self._tuner(resume, remaining, cpus, gpus, tracker)
             tuner.fit()
@@ -180,6 +196,7 @@ class Study:
         budget_spent = s.time_budget_s > 0 and elapsed >= s.time_budget_s
         if done < s.n_trials and not budget_spent:
             tracker.finish(self.manifest.parent_run_id, "KILLED")
+            self.paths.snapshot_storage(self.manifest.storage)
             console.print_interrupted(s.name, done, s.n_trials, self.manifest.runs_dir if self._custom_runs_dir() else None)
             return Outcome("interrupted", *counts(optuna_study), [], None, self.manifest.parent_run_id)
         reason = ("stopped by the study's time budget" if budget_spent else
@@ -193,7 +210,9 @@ class Study:
 
     def final_evaluation(self, optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:
         """The front's test-split evaluation (study.search.front). Returns the trials evaluated."""
-        return front.evaluate_front(self, optuna_study, tracker, cpus, gpus)
+        done = front.evaluate_front(self, optuna_study, tracker, cpus, gpus)
+        self.paths.push_tree("trials", names=[CONFIRM_FILE, SUITE_FINAL_FILE])
+        return done
 
     def record_unstarted(self, optuna_study: Any, tracker: Any) -> None:
         """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
@@ -214,7 +233,7 @@ class Study:
             tracker.finish(run_id, "KILLED")
 
     def _custom_runs_dir(self) -> bool:
-        return Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
+        return self.paths.remote or Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
 
     def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any) -> Any:
         from ray import tune
@@ -229,14 +248,14 @@ class Study:
         # (throttled) snapshot left a state pointing at a deleted checkpoint ("does not exist on storage").
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
         trainable = self.trainable(cpus, gpus)
-        if resume and tune.Tuner.can_restore(str(self.paths.experiment)):
-            print(f"[study] restoring the Tune experiment {self.paths.experiment}", flush=True)
-            tuner = tune.Tuner.restore(str(self.paths.experiment), trainable=trainable, resume_unfinished=True,
+        if resume and tune.Tuner.can_restore(self.paths.experiment_location):
+            print(f"[study] restoring the Tune experiment {self.paths.experiment_location}", flush=True)
+            tuner = tune.Tuner.restore(self.paths.experiment_location, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
             self._repoint(tuner, tracker)
             return tuner
-        if self.paths.experiment.exists():  # a Tune folder that cannot be restored (died while starting)
-            shutil.rmtree(self.paths.experiment)
+        if self.paths.experiment_exists():  # a Tune folder that cannot be restored (died while starting)
+            self.paths.remove_experiment()
         s = self.space.study
         return tune.Tuner(
             trainable,
@@ -246,7 +265,7 @@ class Study:
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
                                         reuse_actors=True),  # no new process + torch import per trial
             run_config=tune.RunConfig(
-                name=s.name, storage_path=str(self.paths.tune_dir),
+                name=s.name, storage_path=self.paths.tune_storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[self.callback(tracker)]),
@@ -269,7 +288,7 @@ class Study:
             search_alg = self.searcher()
         search_alg.repoint(self.manifest.storage)
         limited = ConcurrencyLimiter(search_alg, max_concurrent=self.space.study.max_concurrent)
-        config.search_alg = relocated_class()(limited, str(self.paths.tune_dir), self.space.study.name)
+        config.search_alg = relocated_class()(limited, self.paths.tune_storage, self.space.study.name)
         config.max_concurrent_trials = None  # the limiter is inside
         internal._run_config.callbacks = [self.callback(tracker)]
 
@@ -277,6 +296,10 @@ class Study:
         from analysis import pareto
 
         s = self.space.study
+        if self.paths.remote:  # what the table and the report read (not the models)
+            self.paths.pull_tree("trials", skip=["model.pt"])
+            self.paths.pull_tree("pretrained")
+            self.paths.pull("baselines.json")
         rows = pareto.front_rows(optuna_study, s.metrics)
         suites, attacks = front.add_test_columns(self, rows)
         writable = tracker is not None or _writable(self.paths.root)
@@ -300,8 +323,13 @@ class Study:
             tracker.log_file(run, csv)
         if writable:
             self.write_report(optuna_study, tracker if tracker is not None else report_tracker)
+        if writable and self.paths.remote:  # what the driver wrote goes to the bucket
+            self.paths.push("pareto.csv", "study.json", "space.yaml", "baselines.json")
+            self.paths.push_tree("trials", names=[CONFIRM_FILE, SUITE_FINAL_FILE])
+            self.paths.push_tree("report")
         if tracker is not None:
             tracker.finish(self.manifest.parent_run_id, "FINISHED")
+            self.paths.snapshot_storage(self.manifest.storage)
         viewer = tracker if tracker is not None else report_tracker
         try:
             experiment_id = viewer.experiment_id if viewer is not None else None
@@ -337,32 +365,36 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
 
     Everything that can be checked is checked before anything is created (study.search.preflight); a
     failure after creation, before any trial ran, removes what this invocation created."""
+    from study.search import preflight
     from study.search.lock import StudyLock
     from study.search.tracking import default_tracking_uri
 
     name = space.study.name
+    preflight.check_runs_dir(runs_dir)
     paths = study_paths(runs_dir, name)
     url = storage or space.study.storage or paths.default_storage
     uri = tracking_uri or default_tracking_uri(runs_dir)
-    lock = StudyLock(paths.root)
+    lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()  # a live driver: refused before anything, --fresh included
-    if not fresh and (paths.manifest.exists() or paths.experiment.exists()):
-        raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.root}; "
+    if not fresh and (_has_manifest(paths) or paths.experiment_exists()):
+        raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.location()}; "
                           f"continue it with `study resume {name}`, or start over with --fresh", space.path)
     _preflight(space, url, uri, address, num_cpus)
-    if not fresh and (url != paths.default_storage or (paths.root / "optuna.db").exists()):
+    if not fresh and (url != paths.default_storage or sqlite_file(url).exists()):
         refuse_existing(url, name, space.path)
-    existed = paths.root.exists()
+    existed = paths.store.exists() if paths.remote else paths.root.exists()
     lock.acquire()
     try:
         if fresh:
             wipe_study(paths, url, uri)
         manifest = Manifest(name=name, space_file=str(Path(space.path).resolve()), storage=url,
-                            tracking_uri=uri, runs_dir=str(Path(runs_dir).resolve()))
+                            tracking_uri=uri, runs_dir=paths.runs or str(Path(runs_dir).resolve()))
         header = f"# the validated search space of study {name!r}, from {space.path}\n"
+        paths.root.mkdir(parents=True, exist_ok=True)
         paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
-        manifest.save(paths.manifest)
+        paths.push("space.yaml")
         study = Study(space, paths, manifest, run_trial, pretrain, final_eval)
+        study.save_manifest()
         try:
             return study.execute(resume=False)
         except Exception:
@@ -370,6 +402,12 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
             raise
     finally:
         lock.release()
+
+
+def _has_manifest(paths: StudyPaths) -> bool:
+    return paths.store.is_file("study.json") if paths.remote else paths.manifest.exists()
+
+
 
 
 def _preflight(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:
@@ -404,6 +442,8 @@ def _undo_creation(paths: StudyPaths, storage_url: str, tracking_uri: str, exist
         log.warning("could not clean up the failed study %s: %s", paths.name, e)
     if not existed:
         shutil.rmtree(paths.root, ignore_errors=True)
+        if paths.remote:
+            paths.store.delete_tree()
 
 
 def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callable | None = None,
@@ -413,7 +453,8 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
     from study.search.lock import StudyLock
 
     paths, manifest, space = _open(name, runs_dir)
-    lock = StudyLock(paths.root)
+    paths.check_storage_here(manifest.storage)
+    lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()
     _preflight(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
     with lock.acquire():
@@ -424,7 +465,7 @@ def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: flo
     """Reprint the front and redraw the report of a finished or running study (the report's files are
     logged to the parent run; the run's status is left as it is)."""
     paths, manifest, space = _open(name, runs_dir)
-    study = load_optuna_study(manifest.storage, name)
+    study = load_optuna_study(paths.readable_storage(manifest.storage), name)
     s = Study(space, paths, manifest)
     s.within_points = within_points
     return s.finish(study, report_tracker=s.tracker() if _writable(paths.root) else None)
@@ -444,8 +485,17 @@ def _writable(folder: Path) -> bool:
 
 
 def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, SearchSpace]:
+    """A study's paths, manifest and space (an object-store study's are fetched into its mirror first)."""
+    from study.search import preflight
+
+    preflight.check_runs_dir(runs_dir, write=False)
     paths = study_paths(runs_dir, name)
-    if not paths.manifest.is_file():
+    if paths.remote:
+        paths.pull("study.json", "space.yaml")
+        if not paths.store.is_file("study.json"):
+            known = paths.studies_beside()
+            raise ConfigError("", f"no study named {name!r} in {paths.runs}; studies there: {', '.join(known) or '(none)'}")
+    elif not paths.manifest.is_file():
         known = sorted(p.parent.name for p in Path(runs_dir).glob("*/study.json"))
         raise ConfigError("", f"no study named {name!r} in {Path(runs_dir).resolve()}; "
                           f"studies there: {', '.join(known) or '(none)'}")
@@ -472,3 +522,8 @@ def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str) -> None:
         shutil.rmtree(sub, ignore_errors=True)
     for f in (paths.manifest, paths.space, paths.pareto):
         f.unlink(missing_ok=True)
+    if paths.remote:
+        for sub in ("tune", "trials", "report"):
+            paths.store.delete_tree(sub)
+        for f in ("study.json", "space.yaml", "pareto.csv", STORAGE_SNAPSHOT):
+            paths.store.delete(f)

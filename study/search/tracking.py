@@ -22,6 +22,8 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
+
+from study.search.store import is_remote
 from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
@@ -44,6 +46,14 @@ MAX_PARAM_CHARS = 6000
 
 
 def default_tracking_uri(runs_dir: str | Path) -> str:
+    """runs/mlflow.db; for an object-store runs folder, a sqlite file on this machine (no file locks in a
+    bucket; its artifacts go to the bucket: Study.tracker)."""
+    if is_remote(runs_dir):
+        from study.search.store import data_dir
+
+        folder = data_dir(str(runs_dir))
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'mlflow.db'}"
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
@@ -144,7 +154,8 @@ class Tracker:
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
-                location = Path(self.artifact_root).resolve().as_uri() if self.artifact_root else None
+                location = (None if not self.artifact_root else self.artifact_root if is_remote(self.artifact_root)
+                            else Path(self.artifact_root).resolve().as_uri())  # a bucket URI stays as it is
                 self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
             else:
                 if exp.lifecycle_stage == "deleted":

@@ -9,7 +9,8 @@ Everything a trial reports is a validation or size figure (model selection never
 run_trial returning test figures is refused). The test split is evaluated after the search, for the
 Pareto-front trials only (study.search.front: confirm.json beside the trial's files).
 
-A trial's files live in `<study_dir>/trials/<optuna number>/` (result.json, model.pt, final.json):
+A trial's files live in `<study_dir>/trials/<optuna number>/` (result.json, model.pt, final.json; on an
+object store, `study_dir` is the bucket's URI and the files are uploaded there, final.json last):
 keyed by the Optuna number, which survives a resume, so a trial that had already finished when the
 driver died reports its saved result again instead of training twice.
 """
@@ -25,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 from study.keys import NODE_KEY, NUMBER_KEY
 from study.search.layout import TRIAL_FINAL_FILE as FINAL_FILE
 from study.search.layout import trial_dir
+from study.search.store import Store, is_remote, scratch_dir
 from study.trial.config import trial_from_dict
 
 
@@ -68,13 +70,14 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     if run_trial is None:
         from study.trial.pipeline import run_trial
     cfg = build_config(base, fixed, config)
-    out = trial_dir(study_dir, int(config.get(NUMBER_KEY, 0)))
-    out.mkdir(parents=True, exist_ok=True)
-
-    done = out / FINAL_FILE
-    if done.is_file():  # finished before the driver went away: report it again, do not retrain
-        tune.report(json.loads(done.read_text()))
+    number = int(config.get(NUMBER_KEY, 0))
+    files = TrialFiles(study_dir, number)
+    saved = files.final()
+    if saved is not None:  # finished before the driver went away: report it again, do not retrain
+        tune.report(saved)
         return
+    out = files.local
+    cfg = local_cache(cfg)
 
     resume_state = None
     checkpoint = tune.get_checkpoint()
@@ -105,10 +108,56 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     if hasattr(result, "save"):
         result.save(out)
     final = {**metrics, "final": 1, "step": last_step + 1, NODE_KEY: _node_id()}
-    tmp = out / (FINAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(final, indent=2))
-    os.replace(tmp, done)
+    files.save_final(final)
     tune.report(final)
+
+
+class TrialFiles:
+    """A trial's folder `<study>/trials/<number>/`: written in place for a local study; for an object-store
+    study written in a node-local scratch folder and uploaded, final.json last (the trial's end marker)."""
+
+    def __init__(self, study_dir: str, number: int):
+        self.store = Store(study_dir) if is_remote(study_dir) else None
+        self.rel = f"trials/{number:04d}"
+        self.local = (scratch_dir(study_dir) / self.rel) if self.store is not None else trial_dir(study_dir, number)
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def final(self) -> dict | None:
+        """The saved final report, None if the trial has not finished."""
+        if self.store is not None:
+            if not self.store.is_file(f"{self.rel}/{FINAL_FILE}"):
+                return None
+            return json.loads(self.store.read_text(f"{self.rel}/{FINAL_FILE}"))
+        done = self.local / FINAL_FILE
+        return json.loads(done.read_text()) if done.is_file() else None
+
+    def save_final(self, final: Mapping[str, Any]) -> None:
+        text = json.dumps(dict(final), indent=2)
+        if self.store is not None:
+            self.store.upload_tree(self.local, self.rel, names=[p.name for p in self.local.iterdir()
+                                                                if p.name != FINAL_FILE])
+            self.store.write_text(f"{self.rel}/{FINAL_FILE}", text)
+            return
+        tmp = self.local / (FINAL_FILE + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.local / FINAL_FILE)
+
+
+def local_cache(cfg: Any) -> Any:
+    """A config whose dense-model cache is an object-store folder gets a node-local copy of the cached
+    checkpoint (fetched once per node) and that local folder as its cache_dir."""
+    if not is_remote(cfg.cache_dir):
+        return cfg
+    import dataclasses
+
+    from study.trial.pipeline import pretrain_path
+
+    store, local = Store(cfg.cache_dir), scratch_dir(cfg.cache_dir)
+    cfg = dataclasses.replace(cfg, cache_dir=str(local))
+    name = pretrain_path(cfg).name
+    if not (local / name).is_file() and store.is_file(name):
+        store.download_file(name, local / name)
+    return cfg
 
 
 def search_robustness(cfg: Any, result: Any, metrics: Mapping[str, float], settings: Any) -> dict[str, float]:
@@ -131,4 +180,12 @@ def pretrain_task(cfg: Any, threads: int = 1, pretrain: Callable | None = None) 
     torch.set_num_threads(max(1, int(threads)))
     if pretrain is None:
         from study.trial.pipeline import pretrain
-    return str(pretrain(cfg))
+    remote = cfg.cache_dir if is_remote(cfg.cache_dir) else None
+    cfg = local_cache(cfg)
+    path = Path(pretrain(cfg))
+    if remote is None or cfg.pretrained:
+        return str(path)
+    store = Store(remote)
+    if not store.is_file(path.name):  # written once, in one PUT: every trial reads the whole object or none
+        store.upload_file(path, path.name)
+    return store.url(path.name)
