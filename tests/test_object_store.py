@@ -7,8 +7,11 @@ on 127.0.0.1: moto's server mode (what Ray's own storage tests use), one process
 - The slow end-to-end test: a 2-node Ray cluster (head with no CPUs + a worker node) runs a study into the
   bucket; the driver is killed mid-study; the whole cluster is torn down and every local folder of it is
   deleted (Ray's temp folders, the nodes' scratch folders, the driver's mirror); a NEW cluster resumes the
-  study from the bucket; then `study report` and `study evaluate` read it back from the bucket alone.
-  Optuna and MLflow stay on databases (sqlite files standing in for the PostgreSQL a cluster would use).
+  study from the bucket; then, from another machine (no mirror, no databases), `study report` reads the
+  copy of the Optuna storage the driver left in the bucket, `study evaluate` a trial folder in the bucket,
+  and `study resume` is refused in one line (the study's Optuna storage is a file on the head).
+  Optuna and MLflow stay on the head's disk (the defaults for a bucket: sqlite files in STUDY_DATA_DIR, the
+  head's database, not a temp folder); everything else is deleted before the resume.
 """
 from __future__ import annotations
 
@@ -224,14 +227,13 @@ def test_object_store_study_on_two_nodes_survives_a_killed_driver_and_a_new_clus
     t0 = time.perf_counter()
     name, n = "s3study", 3
     runs = f"s3://{BUCKET}/team/studies"
-    db = tmp_path / "databases"  # stands in for the PostgreSQL server of a real cluster: not a node's disk
-    db.mkdir()
-    storage, tracking = f"sqlite:///{db / 'optuna.db'}", f"sqlite:///{db / 'mlflow.db'}"
     space = write_space(tmp_path / "tiny.yaml", name, n_trials=n, max_concurrent=1)
     local = tmp_path / "local"  # everything a machine keeps for itself: cluster temp folders, mirrors
     driver_env = {"STUDY_CACHE_DIR": str(local / "driver-cache"), "STUDY_DATA_DIR": str(local / "driver-data"),
                   "TMPDIR": str(local / "driver-tmp")}
     (local / "driver-tmp").mkdir(parents=True)
+    head_db = local / "driver-data" / "s3" / BUCKET / "team" / "studies"  # the head's databases (kept)
+    storage, tracking = f"sqlite:///{head_db / name / 'optuna.db'}", f"sqlite:///{head_db / 'mlflow.db'}"
     short = Path(f"/tmp/s3_{os.getpid()}_{time.monotonic_ns() % 10**6}")  # Ray's socket paths must be short
     clusters: list[LocalCluster] = []
     try:
@@ -239,11 +241,10 @@ def test_object_store_study_on_two_nodes_survives_a_killed_driver_and_a_new_clus
         clusters.append(cluster)
         cluster.env = _env(s3, **driver_env)
         run_log = tmp_path / "run.log"
-        driver = cluster.popen(study_cli("run", str(space), "--runs-dir", runs, "--address", cluster.address,
-                                         "--storage", storage, "--tracking-uri", tracking), run_log)
+        driver = cluster.popen(study_cli("run", str(space), "--runs-dir", runs, "--address", cluster.address), run_log)
         deadline, states = time.monotonic() + 300, []
         while time.monotonic() < deadline and driver.poll() is None:
-            if (db / "optuna.db").exists():
+            if (head_db / name / "optuna.db").exists():
                 try:
                     states = [t.state for t in _optuna(storage, name)]
                 except Exception:  # noqa: BLE001 - not created yet, or busy
@@ -311,12 +312,21 @@ def test_object_store_study_on_two_nodes_survives_a_killed_driver_and_a_new_clus
         assert not cluster.stop()
         clusters.remove(cluster)
 
-        # another machine: no mirror, no Ray; report and evaluate read the bucket
+        # another machine: no mirror, no databases, no Ray; report and evaluate read the bucket
+        assert "optuna.db" in files  # the driver's copy of its Optuna storage
+        (local / "driver-data").rename(local / "head-disk-elsewhere")  # this machine cannot see the head's disk
         other = _env(s3, STUDY_CACHE_DIR=str(tmp_path / "other-cache"), STUDY_DATA_DIR=str(tmp_path / "other-data"))
         report = subprocess.run(study_cli("report", name, "--runs-dir", runs), env=other, cwd=ROOT,
                                 capture_output=True, text=True, timeout=300)
         assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
-        assert f"Pareto front of study '{name}'" in report.stdout
+        assert f"Pareto front of study '{name}': " in report.stdout and f"of {n} complete trials" in report.stdout
+        assert f"reading the copy of the Optuna storage in {runs}/{name}/optuna.db" in report.stdout
+        assert "is not on this machine: the report is not logged to MLflow" in report.stderr
+        assert not (local / "driver-data").exists()  # nothing was created where the head's files were
+        refused = subprocess.run(study_cli("resume", name, "--runs-dir", runs), env=other, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "a file on the machine that started it" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         number = int(front[0].split("/")[1])
         out = tmp_path / "evaluate.json"
         ev = subprocess.run(study_cli("evaluate", f"{runs}/{name}/trials/{number:04d}", "--threats", "linf",

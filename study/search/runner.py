@@ -468,7 +468,12 @@ def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: flo
     study = load_optuna_study(paths.readable_storage(manifest.storage), name)
     s = Study(space, paths, manifest)
     s.within_points = within_points
-    return s.finish(study, report_tracker=s.tracker() if _writable(paths.root) else None)
+    elsewhere = paths.remote and manifest.tracking_uri.startswith("sqlite:///") \
+        and not sqlite_file(manifest.tracking_uri).is_file()
+    if elsewhere:  # an object-store study's local MLflow store is on the machine that ran it
+        log.warning("the study's MLflow store %s is not on this machine: the report is not logged to MLflow",
+                    manifest.tracking_uri)
+    return s.finish(study, report_tracker=s.tracker() if _writable(paths.root) and not elsewhere else None)
 
 
 def _writable(folder: Path) -> bool:
