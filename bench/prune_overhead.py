@@ -52,8 +52,8 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
     first = results[0]["spec"]
     notes = [
         "PGD-10 adversarial-training step (eps 8/255, step 2/255) of study.trial.engine.train_epoch; keep fraction 0.1, "
-        "per-layer top-k. dense = the plain model (no masked layers); prune = set_mode('scores'), weights and "
-        "BatchNorm frozen, scores train, refresh_masks after every optimizer step; finetune = set_mode('fixed').",
+        "per-layer top-k. dense = the plain model (no masked layers); prune = set_mode('scores'), weights "
+        "frozen, scores and BatchNorm's affine parameters train, refresh_masks after every optimizer step; finetune = set_mode('fixed').",
         f"Median of {first['repeats']} interleaved repeats of {first['batches_per_repeat']} step(s) per stage after "
         f"{first['warmup']} warm-up repeat(s); one process per arch.",
         "Targets: finetune <= 5% slower than dense; prune <= 25% slower.",

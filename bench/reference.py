@@ -88,7 +88,8 @@ def subnet_layers(model: nn.Module) -> list[RefSubnetMixin]:
 
 
 def set_stage(model: nn.Module, stage: str) -> None:
-    """HYDRA's freezing: pretrain (k=1) and fine-tune train weights, prune trains scores only (BN frozen)."""
+    """HYDRA's freezing: pretrain (k=1) and fine-tune train weights; prune trains the scores and BatchNorm's
+    affine parameters (HYDRA's freeze_vars skips BN unless --freeze-bn), weights and biases frozen."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     for m in model.modules():
@@ -99,7 +100,7 @@ def set_stage(model: nn.Module, stage: str) -> None:
                 m.bias.requires_grad_(stage != "prune")
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             for p in m.parameters(recurse=False):
-                p.requires_grad_(stage != "prune")
+                p.requires_grad_(True)
 
 
 def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,

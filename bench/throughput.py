@@ -88,7 +88,7 @@ def prepare_ours(model: nn.Module, stage: str) -> Callable[[], None] | None:
     pruning.refresh_masks(model, KEEP_FRACTION, "layer")
     if stage == "prune":
         pruning.set_mode(model, "scores")
-        set_trainable(model, weights=False, scores=True, bn=False)
+        set_trainable(model, weights=False, scores=True, bn=True)  # as the pipeline (prune.train_bn) and HYDRA
         return lambda: pruning.refresh_masks(model, KEEP_FRACTION, "layer")
     if stage == "finetune":
         pruning.set_mode(model, "fixed")
@@ -211,13 +211,20 @@ def forward_flops(arch: str, width: int = 0) -> float:
 # The table
 
 
+CPU_BATCHES = (32, 128)  # the batch sizes people train with; a ratio holds for its batch only
+GPU_BATCHES = (256,)
+
+
 def default_specs(device: str, archs: list[str], stages: list[str], compile_: bool, batch: int = 0,
-                  repeats: int = 0) -> list[Spec]:
+                  repeats: int = 0, batches: tuple[int, ...] = ()) -> list[Spec]:
+    """One row per arch x stage x batch. CPU: batch 32 (2 timed repeats) and 128 (1: a reference step of
+    resnet18 takes about a minute there); CUDA: batch 256, 10 steps per repeat, torch.compile rows."""
     cuda = device == "cuda"
     loops = ("reference", "ours") + (("ours_compiled",) if cuda and compile_ else ())
-    return [Spec(loops=loops, arch=a, stage=s, device=device, batch=batch or (256 if cuda else 8),
-                 batches_per_repeat=10 if cuda else 1, repeats=repeats or (3 if cuda else 2), warmup=2 if cuda else 1)
-            for a in archs for s in stages]
+    sizes = batches or ((batch,) if batch else GPU_BATCHES if cuda else CPU_BATCHES)
+    return [Spec(loops=loops, arch=a, stage=s, device=device, batch=b, batches_per_repeat=10 if cuda else 1,
+                 repeats=repeats or (3 if cuda else 2 if b <= 32 else 1), warmup=2 if cuda else 1)
+            for a in archs for s in stages for b in sizes]
 
 
 def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Table:
@@ -250,12 +257,14 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
             row += ["-", "-"]
         rows.append(row)
     first = results[0]["spec"]
+    repeats_text = ", ".join(sorted({f"batch {r['spec']['batch']}: {r['spec']['repeats']}" for r in results}))
     target = ("GPU targets: ours >= 5x reference on resnet18, >= 30% of the measured bf16 matmul rate"
               if cuda else "CPU target: ours >= 2x reference")
     notes = [
         f"PGD-{STEPS} adversarial training (eps 8/255, step 2/255), keep fraction {KEEP_FRACTION} (90% pruned); "
         "synthetic CIFAR-10-shaped batches already on the device; the real architectures at 32x32 (width unchanged).",
-        "prune = HYDRA score training (weights and BatchNorm frozen, masks refreshed after each optimizer step); "
+        "prune = HYDRA score training (weights frozen, scores and BatchNorm's affine parameters train, masks refreshed "
+        "after each optimizer step); "
         "finetune = fixed mask, weights train; dense = plain model.",
         "reference = sort-based top-k on every forward, loss.backward() over parameters inside the attack, fp32 eager "
         "(bench/reference.py); ours = study.trial.engine.train_epoch + make_loss('pgd') + resolve_runtime('auto','auto')"
@@ -264,8 +273,8 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
         + ", ".join(f"{a} {f / 1e9:.2f} GFLOP" for a, f in flops.items())
         + f"); measured {machine.matmul_dtype} matmul rate {machine.matmul_tflops:.3g} TFLOP/s.",
         f"Each row: one process; per loop {first['warmup']} warm-up repeat(s) with a 1-step attack, then the "
-        f"median of {first['repeats']} timed repeats of {first['batches_per_repeat']} step(s), the loops' repeats "
-        "interleaved.",
+        f"median of the row's timed repeats ({repeats_text}) "
+        f"of {first['batches_per_repeat']} step(s), the loops' repeats interleaved. Each ratio holds for its row's batch size.",
         target + ".",
     ]
     errors = {f"{r['spec']['arch']}/{r['spec']['stage']}/{k}": v for r in results for k, v in r["errors"].items()}
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--archs", default="resnet18,vgg16_bn")
     p.add_argument("--stages", default="prune")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (CUDA)")
-    p.add_argument("--batch", type=int, default=0, help="batch size (default: 256 on CUDA, 8 on CPU)")
+    p.add_argument("--batch", type=int, default=0, help="one batch size (default: 256 on CUDA, 32 and 128 on CPU)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats per loop (default: 3 on CUDA, 2 on CPU)")
     args = p.parse_args(argv)
     if args.child:
