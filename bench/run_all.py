@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if "throughput" in only:
         print("[bench] 1. PGD-10 throughput", flush=True)
         specs = throughput.default_specs(device, archs, ["prune", "finetune"] if device == "cuda" else ["prune"],
-                                         not args.no_compile)
+                                         device == "cuda" and not args.no_compile)
         raw["throughput"] = throughput.run(specs, log)
     if "prune_overhead" in only:
         print("[bench] 2. pruning-layer overhead", flush=True)

@@ -5,7 +5,8 @@
 Same architecture (the real resnet18 / vgg16_bn at 32x32, CIFAR-10 shapes), same synthetic batch, same
 PGD-10 (eps 8/255, step 2/255), same keep fraction. Ours = `study.trial.engine.train_epoch` with
 `make_loss("pgd")` and `resolve_runtime("auto", "auto")` (bf16 + channels_last on CUDA, fp32 on CPU),
-HYDRA masked layers from `study.trial.pruning`; optionally `torch.compile` (CUDA only) as its own row.
+HYDRA masked layers from `study.trial.pruning`; optionally `torch.compile` (study.trial.engine.CompiledStep, as
+the pipeline compiles; default on CUDA, `--compile` on CPU) as its own row.
 Reference = `bench.reference` (sort-based top-k on every forward, backward over parameters inside the
 attack, fp32 eager). Every row runs in its own process (clean allocator, clean peak memory).
 
@@ -109,7 +110,9 @@ def ours_runner(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
         model = model.to(memory_format=torch.channels_last)
     trained = model
     if spec.loops == ("ours_compiled",):
-        trained = torch.compile(model)
+        from study.trial.engine import CompiledStep
+
+        trained = CompiledStep(model)  # what the pipeline compiles (masked weights built before the graph)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -220,7 +223,7 @@ def default_specs(device: str, archs: list[str], stages: list[str], compile_: bo
     """One row per arch x stage x batch. CPU: batch 32 (2 timed repeats) and 128 (1: a reference step of
     resnet18 takes about a minute there); CUDA: batch 256, 10 steps per repeat, torch.compile rows."""
     cuda = device == "cuda"
-    loops = ("reference", "ours") + (("ours_compiled",) if cuda and compile_ else ())
+    loops = ("reference", "ours") + (("ours_compiled",) if compile_ else ())
     sizes = batches or ((batch,) if batch else GPU_BATCHES if cuda else CPU_BATCHES)
     return [Spec(loops=loops, arch=a, stage=s, device=device, batch=b, batches_per_repeat=10 if cuda else 1,
                  repeats=repeats or (3 if cuda else 2 if b <= 32 else 1), warmup=2 if cuda else 1)
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--archs", default="resnet18,vgg16_bn")
     p.add_argument("--stages", default="prune")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (CUDA)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows on CPU too (inductor)")
     p.add_argument("--batch", type=int, default=0, help="one batch size (default: 256 on CUDA, 32 and 128 on CPU)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats per loop (default: 3 on CUDA, 2 on CPU)")
     args = p.parse_args(argv)
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = common.resolve_device(args.device)
     machine = common.describe_machine(device)
-    results = run(default_specs(device, args.archs.split(","), args.stages.split(","), not args.no_compile,
+    compile_ = not args.no_compile if device == "cuda" else args.compile
+    results = run(default_specs(device, args.archs.split(","), args.stages.split(","), compile_,
                                 args.batch, args.repeats))
     print(table(results, machine).markdown())
 

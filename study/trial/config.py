@@ -126,8 +126,9 @@ class TrialConfig:
     name: str = "trial"
     seed: int = 0
     device: str = field(default="auto", metadata=one_of("auto", "cpu", "cuda"))
-    precision: str = field(default="auto", metadata=one_of("auto", "fp32", "bf16"))  # auto: bf16 on CUDA
-    compile: bool = False  # torch.compile on CUDA
+    # bf16: autocast to bfloat16 on the trial's device (CUDA or CPU); auto: bf16 on CUDA, fp32 on CPU
+    precision: str = field(default="auto", metadata=one_of("auto", "fp32", "bf16"))
+    compile: bool = False  # torch.compile the training step (CUDA, or CPU: inductor needs a C++ compiler)
     output_dir: str = "runs/trials"  # where `study trial` writes result JSON and exported weights
     cache_dir: str = "runs/pretrained"  # dense checkpoints, keyed by pretrain_key()
     pretrained: str = ""  # a checkpoint to load instead of pre-training

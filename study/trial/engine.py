@@ -15,6 +15,7 @@ from torch import nn
 
 from study.trial.attacks import AttackStrength
 from study.trial.losses import Loss
+from study.trial.pruning import masked_layers
 
 if TYPE_CHECKING:  # type hints only: config looks the registries up by name, and they never import it
     from study.trial.config import StageConfig
@@ -29,7 +30,7 @@ class Runtime:
     """Where and how tensors compute: chosen once per trial."""
 
     device: torch.device
-    bf16: bool  # autocast to bfloat16 (CUDA)
+    bf16: bool  # autocast to bfloat16 (on the runtime's device: CUDA or CPU)
     channels_last: bool
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -49,6 +50,40 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     dev = torch.device(device)
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
     return Runtime(device=dev, bf16=bf16, channels_last=dev.type == "cuda")
+
+
+# Graphs the training step may need in one process: per stage (dense pretraining, HYDRA's scores, fixed-mask
+# fine-tuning) one per kind of forward (attack / loss, and TRADES' no-grad clean pass) per batch shape (full,
+# the epoch's last): 3 x 3 x 2 = 18. Beyond torch's default limit (8), after which it silently runs eagerly.
+RECOMPILE_LIMIT = 32
+
+
+class CompiledStep(nn.Module):
+    """`torch.compile(model)` for the training step (inductor: CUDA or CPU), the masked weights built first.
+
+    HYDRA's masked weight is built once per optimizer step and reused by every attack forward (see
+    `study.trial.pruning.MaskedMixin.effective_weight`). Built inside a compiled graph it would be an output
+    of that graph's single autograd node, whose saved tensors the first attack's `autograd.grad(loss, x)`
+    frees, so the step's `loss.backward()` would fail ("backward through the graph a second time"). Built
+    here, eagerly and under the caller's grad mode and autocast, it is an input of the compiled graphs. The
+    uncompiled `model` (same parameters) stays the one saved and evaluated.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        # Static shapes: the full batch and an epoch's last (smaller) batch get a graph each, rather than the
+        # full batch falling onto a dynamic-shape graph after the first short batch.
+        try:
+            self.compiled = torch.compile(model, dynamic=False, recompile_limit=RECOMPILE_LIMIT)
+        except TypeError:  # an older torch: no per-call limit, raise the global one
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+            self.compiled = torch.compile(model, dynamic=False)
+        self._masked = [layer for _, layer in masked_layers(model)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self._masked:
+            layer.effective_weight()  # a no-op unless in scores mode with no weight cached for this key
+        return self.compiled(x)
 
 
 def make_optimizer(params: Iterable[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:

@@ -28,7 +28,8 @@ from study.trial import pruning
 from study.trial.attacks import stage_schedule, strength_at
 from study.trial.config import AttackConfig, StageConfig, TrialConfig
 from study.trial.data import Splits, batches, load_dataset
-from study.trial.engine import Runtime, TrialFailed, make_optimizer, make_scheduler, resolve_runtime, train_epoch
+from study.trial.engine import (CompiledStep, Runtime, TrialFailed, make_optimizer, make_scheduler, resolve_runtime,
+                                train_epoch)
 from study.trial.evaluation import evaluate, relative_step
 from study.trial.losses import make_loss
 from study.trial.models import create_model
@@ -121,8 +122,8 @@ def _train_stage(
         scheduler.load_state_dict(resume["scheduler"])
         ctx.generator.set_state(resume["generator"])
         first = resume["epoch"] + 1
-    # Compiled on CUDA only when asked; the uncompiled module (same parameters) is what is saved and evaluated.
-    fast = torch.compile(model) if cfg.compile and ctx.runtime.device.type == "cuda" else model
+    # Compiled when asked (CUDA or CPU); the uncompiled module (same parameters) is what is saved and evaluated.
+    fast = CompiledStep(model) if cfg.compile else model
     history = []
     for epoch in range(first, stage.epochs + 1):
         t0 = time.perf_counter()

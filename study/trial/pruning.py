@@ -23,6 +23,16 @@ from study.registry import Registry
 MODES = ("dense", "scores", "fixed")
 
 
+def autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype an active autocast casts `weight` to in a conv or linear (both lower-precision ops), or
+    None when it leaves it alone: autocast off, or a weight it never casts (float64, already that dtype)."""
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if weight.dtype in (dtype, torch.float64) or not weight.is_floating_point() else dtype
+
+
 class MaskedMixin:
     """State shared by masked conv and linear layers.
 
@@ -37,20 +47,24 @@ class MaskedMixin:
         self.register_buffer("mask", torch.ones_like(self.weight))
         self.mode = "dense"
         self._hook = None
-        self._cache: tuple[bool, torch.Tensor] | None = None
+        self._cache: tuple[tuple[bool, torch.dtype | None], torch.Tensor] | None = None
 
     def effective_weight(self) -> torch.Tensor:
         if self.mode != "scores":
             return self.weight
         # Built once per mask refresh (i.e. once per optimizer step), reused by every attack iteration;
         # attack steps differentiate w.r.t. the input only, so they never traverse (or free) this graph.
-        grad = torch.is_grad_enabled()
-        if self._cache is None or self._cache[0] != grad:
+        # Keyed by grad mode and the autocast dtype: under bf16 autocast the cached tensor is the bf16 copy,
+        # cast once per step instead of once per forward (autocast caches casts of leaf weights only, and
+        # the masked weight is not a leaf). Same values and gradients as autocast casting it itself.
+        key = (torch.is_grad_enabled(), autocast_dtype(self.weight))
+        if self._cache is None or self._cache[0] != key:
             # HYDRA's `weight * GetSubnet.apply(scores.abs(), k)`: value weight * mask, identity backward
             # through the top-k onto |scores|, so d/dscores = sign(scores) * weight * upstream (sign(0) = 0,
             # as in torch's abs backward). The sign matters: ssi scores are signed.
             a = self.scores.abs()
-            self._cache = (grad, self.weight * (self.mask + (a - a.detach())))
+            w = self.weight * (self.mask + (a - a.detach()))
+            self._cache = (key, w if key[1] is None else w.to(key[1]))
         return self._cache[1]
 
     def invalidate(self) -> None:
