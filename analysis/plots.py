@@ -50,10 +50,16 @@ def color_values(points: Sequence[Point], param: str | None) -> tuple[str, dict[
 
 def front_plot(path: Path, points: Sequence[Point], front_points: Sequence[Point], *, size_label: str,
                robust_label: str, color_by: str | None = None, dense: Reference | None = None,
-               baselines: Sequence[Reference] = (), marks: Mapping[str, Point | None] = {}) -> Path:
+               baselines: Sequence[Reference] = (), marks: Mapping[str, Point | None] = {},
+               baseline_test_key: str | None = None, baseline_test_label: str = "",
+               front_test_key: str | None = None, front_test_label: str = "") -> Path:
     """Size (log x) against robust accuracy: every trial coloured by `color_by`, the front as a step
     line, the dense model and the LWM baseline, AutoAttack-confirmed trials ringed with their test
-    figure beside them, and the recommendations (`marks`: label -> point) annotated."""
+    figure beside them, and the recommendations (`marks`: label -> point) annotated.
+
+    `baseline_test_key`: the baselines' test figure drawn below their validation one (a test_* key, measured
+    with the same attack as the front's drawn test figure); `front_test_key`: a further test figure of the
+    front drawn for that comparison (e.g. test_pgd_acc when the baselines were confirmed with PGD only)."""
     import matplotlib as mpl
     import numpy as np
 
@@ -91,10 +97,25 @@ def front_plot(path: Path, points: Sequence[Point], front_points: Sequence[Point
         if tested:
             ax.scatter([p.size for p in tested], [p.test["test_robust_acc"] for p in tested], marker="x",
                        color="crimson", zorder=4, label="test robust acc (worst of PGD, AutoAttack)")
+    if front_test_key:
+        extra = [p for p in front_points if finite(p.test.get(front_test_key))]
+        for p in extra:
+            ax.plot([p.size, p.size], [p.robust, p.test[front_test_key]], ls=":", color="crimson", lw=1)
+        if extra:
+            ax.scatter([p.size for p in extra], [p.test[front_test_key] for p in extra], marker="+", s=70,
+                       color="crimson", zorder=4, label=front_test_label or f"front, {front_test_key}")
     if baselines:
         bs = sorted(baselines, key=lambda b: b.size)
         ax.plot([b.size for b in bs], [b.robust for b in bs], ls="--", marker="s", color="dimgray", ms=5,
                 label=bs[0].label)
+        tested = [b for b in bs if baseline_test_key and finite(b.test.get(baseline_test_key))]
+        for b in tested:
+            ax.plot([b.size, b.size], [b.robust, b.test[baseline_test_key]], ls=":", color="dimgray", lw=1)
+        if tested:
+            # the front's mark of the same figure: its usual x (AutoAttack-confirmed), else the + of front_test_key
+            ax.scatter([b.size for b in tested], [b.test[baseline_test_key] for b in tested],
+                       marker="+" if front_test_key else "x", s=70, color="dimgray", zorder=4,
+                       label=baseline_test_label or f"LWM baseline, {baseline_test_key}")
     if dense is not None:
         ax.axhline(dense.robust, ls="--", color="tab:red", lw=1, zorder=1)
         ax.scatter([dense.size], [dense.robust], marker="*", s=160, color="tab:red", zorder=4, label=dense.label)

@@ -37,6 +37,7 @@ class Point:
     run_id: str = ""  # the trial's nested MLflow run
     model_path: str = ""  # trials/<n>/model.pt where it exists
     test: Mapping[str, Any] = field(default_factory=dict)  # test_* figures of a confirmed front model
+    test_budget: Mapping[str, Any] = field(default_factory=dict)  # its confirmation's settings (confirm.json)
 
     @property
     def compression(self) -> float | None:
@@ -58,6 +59,10 @@ class Reference:
     clean: float | None = None
     method: str = "dense"
     keep_fraction: float | None = None
+    test: Mapping[str, Any] = field(default_factory=dict)  # test_* figures and test_attack (study.baselines)
+    test_budget: Mapping[str, Any] = field(default_factory=dict)  # the settings of that test confirmation
+    for_trials: tuple[int, ...] = ()  # the front trials this baseline is the same-size counterpart of
+    model_path: str = ""
 
 
 def front(points: Sequence[Point]) -> list[Point]:
@@ -122,26 +127,43 @@ def hypervolume_history(trials: Sequence[Any], modes: Sequence[str]) -> list[tup
 # The LWM baseline at the front's sizes.
 
 
-def baseline_configs(front_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The LWM trials a fair baseline needs: one per distinct front configuration, same keep fraction
-    and the same fine-tuning attack schedule, prune.method=lwm (no score training, so score_init and
-    the prune stage drop out). Rows are `pareto.front_rows` rows (dotted searched keys as columns).
+# What LWM does not use (it sets the mask from weight magnitudes, without score training): left out of a
+# baseline's config, so front trials differing only there share one baseline run.
+LWM_UNUSED = ("prune.method", "prune.score_init", "prune.train_bn")
+LWM_UNUSED_SECTIONS = ("prune_stage.",)
 
-    Returns [{"for_trials": [numbers], "overrides": {dotted key: value}}], in the rows' order; a row
-    without a keep fraction (neither `prune.keep_fraction` nor prunable_kept/prunable_total) is skipped.
+
+def config_keys() -> frozenset[str]:
+    """Every dotted trial config key (`prune.keep_fraction`, `attack.schedule`, ...): a row's searched values."""
+    from study.trial.config import TrialConfig, flatten
+
+    return frozenset(flatten(TrialConfig().to_dict()))
+
+
+def baseline_configs(front_rows: Sequence[Mapping[str, Any]], defaults: Mapping[str, Any] = {}) -> list[dict[str, Any]]:
+    """The LWM trials a fair baseline needs: one per distinct front configuration, prune.method=lwm with the same
+    keep fraction and every other searched value LWM uses (attack schedule, fine-tuning, eval, ...); score_init,
+    train_bn and the prune stage drop out (no score training). Rows are `pareto.front_rows` rows (the searched
+    values as dotted columns; metric columns are never mistaken for them). `defaults`: the study's fixed
+    `prune.method` and `prune.keep_fraction` (dotted keys), for rows that do not search them.
+
+    The keep fraction is the row's searched one, else the study's fixed one, else prunable_kept/prunable_total.
+    Returns [{"for_trials": [numbers], "overrides": {dotted key: value}}], in the rows' order; rows of LWM or
+    dense trials, and rows without a keep fraction, are skipped.
     """
+    keys = config_keys()
     out: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}
     for row in front_rows:
-        if row.get("prune.method") == LWM:
-            continue  # already an LWM trial
-        keep = row.get("prune.keep_fraction")
+        if row.get("prune.method", defaults.get("prune.method")) in (LWM, "dense"):
+            continue  # already an LWM trial, or an unpruned one
+        keep = row.get("prune.keep_fraction", defaults.get("prune.keep_fraction"))
         if keep is None and row.get("prunable_total"):
             keep = float(row["prunable_kept"]) / float(row["prunable_total"])
         if keep is None:
             continue
-        overrides = {k: v for k, v in row.items() if "." in k and k.startswith(("prune.", "attack.", "finetune."))
-                     and k not in ("prune.score_init", "prune.method") and not k.startswith(("test.", "final."))}
+        overrides = {k: v for k, v in row.items() if k in keys and k not in LWM_UNUSED
+                     and not k.startswith(LWM_UNUSED_SECTIONS)}
         overrides.update({"prune.method": LWM, "prune.keep_fraction": float(keep)})
         overrides = dict(sorted(overrides.items()))
         key = tuple((k, repr(v)) for k, v in overrides.items())

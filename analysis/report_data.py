@@ -7,6 +7,7 @@ robustness_final.json (the final robustness suite: curves per threat).
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ log = logging.getLogger("analysis.report")
 
 CONFIRM_FILE = "confirm.json"  # the test_* figures of a confirmed front model
 FINAL_FILE = "robustness_final.json"  # the final robustness suite of a front model
-BASELINES_FILE = "baselines.json"  # optional: [{method, keep_fraction, params_kept, val_robust_acc, val_clean_acc}]
+# The LWM baseline: [{method, keep_fraction, params_kept, val_robust_acc, val_clean_acc, ...}], written by hand or
+# by study.baselines (study.search.baselines), which adds every val metric, for_trials, the test figures
+# (test_clean_acc, test_pgd_acc, test_autoattack_acc, test_robust_acc, test_points), test_attack and budget.
+BASELINES_FILE = "baselines.json"
 SIZE_TOTALS = {"params_kept": "params_total", "prunable_kept": "prunable_total", "sparse_bytes": "dense_bytes"}
 
 
@@ -84,6 +88,12 @@ def confirmed_figures(folder: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def confirm_budget(folder: Path) -> dict[str, Any]:
+    """The settings a front model was confirmed with (confirm.json's "budget"; {} when unknown)."""
+    budget = (_json(folder / CONFIRM_FILE) or {}).get("budget")
+    return dict(budget) if isinstance(budget, dict) else {}
+
+
 def trial_point(t: Any, root: Path, objectives: Sequence[str], size: str, robust: str, default_method: str,
                 run_ids: Mapping[int, str] = {}) -> Point:
     folder = _trial_folder(root, t.number)
@@ -100,7 +110,8 @@ def trial_point(t: Any, root: Path, objectives: Sequence[str], size: str, robust
                  total=float(total) if finite(total) and total > 0 else None,
                  params=dict(t.params), method=str(t.params.get("prune.method", default_method)),
                  run_id=str(attrs.get("mlflow_run_id") or run_ids.get(t.number, "")),
-                 model_path=str(model) if model.is_file() else "", test=confirmed_figures(folder, attrs))
+                 model_path=str(model) if model.is_file() else "", test=confirmed_figures(folder, attrs),
+                 test_budget=confirm_budget(folder))
 
 
 def dense_reference(root: Path, space: Any, total: float | None) -> Reference | None:
@@ -134,7 +145,8 @@ def dense_reference(root: Path, space: Any, total: float | None) -> Reference | 
 
 def read_baselines(root: Path, size: str, robust: str) -> list[Reference]:
     """baselines.json in the study folder: a list of {method, keep_fraction, params_kept, val_robust_acc,
-    val_clean_acc}; entries lacking the two axes are skipped with a warning."""
+    val_clean_acc} (by hand), or study.baselines' entries, which add test_* figures, test_attack, budget and
+    for_trials; entries lacking the two axes are skipped with a warning."""
     path = root / BASELINES_FILE
     if not path.is_file():
         return []
@@ -150,8 +162,15 @@ def read_baselines(root: Path, size: str, robust: str) -> list[Reference]:
             log.warning("report: %s: entry %r lacks %s / %s; skipped", path, row, size, robust)
             continue
         method = str(row.get("method", LWM))
-        out.append(Reference(label=f"{method.upper()} baseline ({BASELINES_FILE})", size=float(s), robust=float(r),
-                             clean=row.get("val_clean_acc"), method=method, keep_fraction=row.get("keep_fraction")))
+        test = {k: v for k, v in row.items() if k.startswith("test_") and (finite(v) or k == "test_attack")}
+        budget = row.get("budget") if isinstance(row.get("budget"), dict) else {}
+        trials = tuple(int(n) for n in row.get("for_trials") or () if isinstance(n, int))
+        model = row.get("model") if isinstance(row.get("model"), str) else ""
+        clean = row.get("val_clean_acc")
+        out.append(Reference(label=f"{method.upper()} baseline, validation ({BASELINES_FILE})", size=float(s), robust=float(r),
+                             clean=float(clean) if finite(clean) else None, method=method,
+                             keep_fraction=row.get("keep_fraction"), test=test, test_budget=budget,
+                             for_trials=trials, model_path=str(root / model) if model else ""))
     return out
 
 
@@ -191,12 +210,16 @@ def collect(root: Path, optuna_study: Any, space: Any, run_ids: Mapping[int, str
     total = next((p.total for p in points if p.total), None)
     data.dense = dense_reference(root, space, total)
     lwm = [p for p in points if p.method == LWM]
-    if lwm and len(lwm) < len(points):
+    listed = read_baselines(root, size, robust)
+    computed = [b for b in listed if finite(b.test.get("test_robust_acc"))]  # study.baselines: with test figures
+    if computed:
+        data.baselines, data.baseline_source = computed, BASELINES_FILE
+    elif lwm and len(lwm) < len(points):
         data.baselines = [Reference("LWM trials of this study", p.size, p.robust, p.clean, LWM,
                                     p.params.get("prune.keep_fraction")) for p in front(lwm)]
         data.baseline_source = "the study's LWM trials (their own front)"
     elif not lwm:
-        data.baselines = read_baselines(root, size, robust)
+        data.baselines = listed
         data.baseline_source = BASELINES_FILE if data.baselines else ""
     data.hv_history = hypervolume_history(complete, modes)
     for p in data.front:
@@ -206,3 +229,65 @@ def collect(root: Path, optuna_study: Any, space: Any, run_ids: Mapping[int, str
     return data
 
 
+# ---------------------------------------------------------------------------------------------------
+# What the report recommends and compares (decided from the data above; drawn by analysis.report).
+
+
+@dataclass
+class Recommendation:
+    knee: Point | None
+    within: Point | None  # smallest within `within_points` of the dense model (None: no dense figure or none close)
+    within_points: float
+    reference: float | None  # the dense robust accuracy the `within` choice compares with
+    note: str = ""
+
+    @property
+    def chosen(self) -> Point | None:
+        return self.within or self.knee
+
+
+@dataclass
+class TestComparison:
+    """Which test figure puts the LWM baselines beside the front on the plot: measured on the same split (test)
+    with the same attack, or none."""
+    key: str | None  # the baselines' figure drawn (test_robust_acc, test_pgd_acc); None: not drawn
+    front_key: str | None  # the front's same figure, drawn as well (None: the plot's usual test marks are it)
+    label: str = ""  # legend of the baselines' test marks (names the attack)
+    front_label: str = ""
+    note: str = ""  # for the page: what is compared with what
+
+
+def _budget_key(b: Mapping[str, Any], drop: Sequence[str] = ()) -> str:
+    return json.dumps({k: v for k, v in b.items() if k not in drop}, sort_keys=True)
+
+
+def test_comparison(data: ReportData) -> TestComparison:
+    """The baselines' test figure comparable with the front's: the same confirmation settings -> test_robust_acc
+    (the front's marks are its AutoAttack-confirmed test figures); the baselines confirmed with the front's PGD
+    but without AutoAttack (study.baselines.confirm: {autoattack: false}) -> test_pgd_acc, for both."""
+    tested = [b for b in data.baselines if isinstance(b.test.get("test_robust_acc"), (int, float))]
+    if not tested:
+        return TestComparison(None, None)
+    front = [p for p in data.front if isinstance(p.test.get("test_robust_acc"), (int, float)) and p.test_budget]
+    if not front:
+        return TestComparison(None, None, note="The front has no test figures (trials/&lt;n&gt;/confirm.json): the "
+                              "baselines' test figures are in the table only.")
+    fb = {_budget_key(p.test_budget) for p in front}
+    bb = {_budget_key(b.test_budget) for b in tested}
+    attack = html.escape(str(tested[0].test.get("test_attack", "")))
+    if len(fb) == 1 and bb == fb:
+        aa = bool(front[0].test_budget.get("autoattack"))
+        what = "worst of PGD, AutoAttack" if aa else "PGD, no AutoAttack"
+        return TestComparison("test_robust_acc", None if aa else "test_robust_acc",
+                              f"LWM baseline, test robust acc ({what})", f"front, test robust acc ({what})",
+                              f"Test figures of the front and the baselines: the same attack ({attack}).")
+    pgd = {_budget_key(p.test_budget, ("autoattack",)) for p in front}
+    if len(pgd) == 1 and {_budget_key(b.test_budget, ("autoattack",)) for b in tested} == pgd \
+            and not any(b.test_budget.get("autoattack") for b in tested):
+        return TestComparison("test_pgd_acc", "test_pgd_acc", "LWM baseline, test PGD acc (no AutoAttack)",
+                              "front, test PGD acc (the baselines' attack)",
+                              f"The baselines were confirmed with PGD only ({attack}): they are compared with the "
+                              "front's PGD figure on the same test points (test_pgd_acc, the + marks), not with its "
+                              "AutoAttack-confirmed one.")
+    return TestComparison(None, None, note=f"The baselines were confirmed with another attack than the front ({attack}): "
+                          "their test figures are in the table, not on the plot.")

@@ -252,6 +252,82 @@ def test_lwm_baseline_from_the_study_or_from_baselines_json(tmp_path):
     assert data.baseline_source == "baselines.json"
 
 
+def _computed_baselines(root, study, space, front_budget, baseline_budget):
+    """Front trials confirmed with `front_budget` (confirm.json as study.search.front writes it) and baselines.json
+    as study.baselines writes it, confirmed with `baseline_budget`."""
+    from study.search.robust_settings import ConfirmSettings
+
+    def attack(b):
+        return ConfirmSettings(**b).attack_text(0.1, b["points"])
+
+    data = collect(root, study, space)
+    for p in data.front:
+        d = root / "trials" / f"{p.trial:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        aa = {"test_autoattack_acc": p.robust - 0.1} if front_budget["autoattack"] else {}
+        (d / "confirm.json").write_text(json.dumps({"budget": front_budget, "eps": 0.1, "test_attack": attack(front_budget),
+                                                    "metrics": {"test_clean_acc": 0.9, "test_pgd_acc": p.robust - 0.05, **aa,
+                                                                "test_robust_acc": p.robust - 0.1, "test_points": 100.0}}))
+    rows = [{"method": "lwm", "keep_fraction": p.size / TOTAL, "params_kept": p.size, "val_robust_acc": p.robust - 0.2,
+             "val_clean_acc": 0.7, "params_total": TOTAL, "for_trials": [p.trial], "test_attack": attack(baseline_budget),
+             "test_clean_acc": 0.8, "test_pgd_acc": p.robust - 0.25, "test_robust_acc": p.robust - 0.25, "test_points": 100.0,
+             "budget": baseline_budget, "eps": 0.1, "model": f"baselines/{p.trial:04d}/model.pt", "config": {}}
+            for p in data.front[:3]]
+    (root / "baselines.json").write_text(json.dumps(rows))
+    return rows
+
+
+def test_the_front_plot_puts_the_computed_baselines_beside_the_front_with_the_same_attack(tmp_path):
+    from analysis.report import front_plot_inputs, test_comparison
+
+    study, space = _fake_study(), _space()
+    root = _folder(tmp_path, study, space)
+    front = {"points": 100, "steps": 50, "restarts": 3, "step_size": 0.0, "autoattack": True, "seed": 0}
+    pgd_only = {**front, "autoattack": False}
+    # the quickstart's setting: baselines confirmed with the front's PGD only -> compared on test_pgd_acc
+    rows = _computed_baselines(root, study, space, front, pgd_only)
+    data = collect(root, study, space)
+    assert data.baseline_source == "baselines.json" and len(data.baselines) == 3
+    b = min(data.baselines, key=lambda b: b.size)
+    assert b.test["test_pgd_acc"] == rows[0]["test_pgd_acc"] and "(no AutoAttack)" in b.test["test_attack"]
+    assert b.for_trials == (rows[0]["for_trials"][0],) and b.model_path == str(root / rows[0]["model"])
+    inputs = front_plot_inputs(data, recommend_models(data), None)
+    assert inputs["baselines"] == data.baselines
+    assert (inputs["baseline_test_key"], inputs["front_test_key"]) == ("test_pgd_acc", "test_pgd_acc")
+    assert "no AutoAttack" in inputs["baseline_test_label"] and "baselines' attack" in inputs["front_test_label"]
+    index = write_report(root, study, space, None)
+    page = index.read_text()
+    assert rows[0]["test_attack"] in page and "confirmed with PGD only" in page
+    assert "<code>study trial" not in page  # the baselines ran: no commands to run them
+    # confirmed exactly like the front -> test_robust_acc, the front's own (AutoAttack-confirmed) marks
+    _computed_baselines(root, study, space, front, front)
+    cmp = test_comparison(collect(root, study, space))
+    assert (cmp.key, cmp.front_key) == ("test_robust_acc", None) and "worst of PGD, AutoAttack" in cmp.label
+    # another attack (other test points): the table has the figures, the plot does not compare them
+    _computed_baselines(root, study, space, front, {**pgd_only, "points": 50})
+    cmp = test_comparison(collect(root, study, space))
+    assert cmp.key is None and "another attack" in cmp.note
+    page = write_report(root, study, space, None).read_text()
+    assert "another attack" in page and "50 test points" in page
+    # the front not confirmed (--no-final-eval): the baselines' test figures are not drawn
+    for d in (root / "trials").glob("*/confirm.json"):
+        d.unlink()
+    assert test_comparison(collect(root, study, space)).key is None
+
+
+def test_computed_baselines_take_precedence_over_the_studys_own_lwm_trials(tmp_path):
+    space = _space()
+    mixed = _study([_trial(0.1, 0.5), _trial(0.05, 0.45), _trial(0.01, 0.2, method="lwm")])
+    root = tmp_path / "runs" / "quickstart"
+    root.mkdir(parents=True)
+    assert collect(root, mixed, space).baseline_source.startswith("the study's LWM trials")
+    (root / "baselines.json").write_text(json.dumps([
+        {"method": "lwm", "keep_fraction": 0.1, "params_kept": 1000, "val_robust_acc": 0.4, "for_trials": [0],
+         "test_robust_acc": 0.3, "test_clean_acc": 0.8, "test_attack": "PGD-50 x3", "budget": {"points": 100}}]))
+    data = collect(root, mixed, space)  # study.baselines ran at the front's sizes: those are the comparison
+    assert data.baseline_source == "baselines.json" and [(b.size, b.test["test_robust_acc"]) for b in data.baselines] == [(1000.0, 0.3)]
+
+
 def test_report_axes_are_the_size_and_the_robustness_objectives():
     assert axes_of(["params_kept", "val_robust_acc"], ["min", "max"]) == ("params_kept", "val_robust_acc")
     three = ["val_clean_acc", "sparse_bytes", "val_robust_acc", "params_kept"]

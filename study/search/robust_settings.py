@@ -1,9 +1,11 @@
 """What a study evaluates beyond its trials' own figures: the test-split confirmation of the front
-(`study.confirm`) and the robustness suite (`study.robustness`), and the suite metrics an objective may
-name. Validated by the trial configs' builder (study.trial.config.build: field metadata, "did you mean").
+(`study.confirm`), the LWM baseline at the front's sizes (`study.baselines`) and the robustness suite
+(`study.robustness`), and the suite metrics an objective may name. Validated by the trial configs' builder (study.trial.config.build: field metadata, "did you mean").
 
     study:
       confirm: {points: 0, steps: 50, restarts: 3, autoattack: true}   # the defaults (points 0 = all of test)
+      baselines: {confirm: {autoattack: false}}       # LWM at the front's sizes (default off; `true`: confirmed
+                                                      # exactly like the front; here: PGD only, same PGD budget)
       objectives:
         - {metric: params_kept, mode: min}
         - {metric: robust.l2.1.0, mode: max}          # canonical name: robust.l2.1
@@ -17,6 +19,7 @@ The evaluations themselves are study.search.robust_eval.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -161,11 +164,53 @@ def parse_confirm(raw: Any, key: str = "study.confirm") -> ConfirmSettings:
     """study.confirm: {points, steps, restarts, step_size, autoattack, seed}; null = the defaults."""
     if raw is None:
         return CONFIRM_DEFAULT
-    settings = build(ConfirmSettings, raw, key + ".", strict=True)
+    return check_confirm(build(ConfirmSettings, raw, key + ".", strict=True), key)
+
+
+def check_confirm(settings: ConfirmSettings, key: str) -> ConfirmSettings:
+    """The cross-field check of confirmation settings (`key`: the section, for the message)."""
     if 0 < settings.step_size * settings.steps < 1:
         raise ConfigError(f"{key}.step_size", f"{settings.step_size:g} x {settings.steps} steps cannot reach the "
                           "eps-ball boundary; need steps * step_size >= 1 (or 0 = auto, 2.5 / steps)")
     return settings
+
+
+def _confirm_overrides(raw: Any, key: str) -> dict:
+    """study.baselines.confirm: keys of study.confirm changed for the baselines (names, types and ranges checked
+    here; the step check once study.confirm is known, StudySettings)."""
+    if raw is None:
+        return {}
+    build(ConfirmSettings, raw, key + ".", strict=True)
+    return dict(raw)
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """`study.baselines` (off by default): after the front's test confirmation, the LWM baseline at the front's
+    sizes (study.search.baselines): one LWM run per distinct front configuration (same keep fraction, attack and
+    fine-tuning; magnitude masks, no score training), validated like a trial and confirmed on the TEST split.
+
+    `true` (or `{}`) confirms the baselines exactly like the front (study.confirm); `confirm:` changes keys of
+    study.confirm for the baselines only, e.g. `{autoattack: false}`: the same PGD on the same test points,
+    comparable with the front's `test_pgd_acc`, without AutoAttack's cost."""
+
+    confirm: dict = field(default_factory=dict, metadata={"parse": _confirm_overrides})
+
+    def confirm_settings(self, front: ConfirmSettings) -> ConfirmSettings:
+        """The baselines' confirmation: the front's (study.confirm) with `confirm`'s keys changed."""
+        return dataclasses.replace(front, **self.confirm)
+
+
+def parse_baselines(raw: Any, key: str = "study.baselines") -> BaselineSettings | None:
+    """study.baselines: false/null (off, the default), true (on, confirmed like the front) or {confirm: {...}}."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return BaselineSettings()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"expected true, false or a section {{confirm: {{...}}}}, got {raw!r}; valid keys: "
+                          f"{', '.join(f.name for f in dataclasses.fields(BaselineSettings))}")
+    return build(BaselineSettings, raw, key + ".", strict=True)
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,10 @@ class Study:
         self.record_unstarted(optuna_study, tracker)
         if self.final_eval:
             self.final_evaluation(optuna_study, tracker, cpus, gpus)
+            if s.baselines is not None:  # study.baselines: LWM at the front's sizes (study.search.baselines)
+                from study.search.baselines import run_baselines
+
+                run_baselines(self, optuna_study, tracker, cpus, gpus)
         return self.finish(optuna_study, tracker)
 
     def final_evaluation(self, optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:

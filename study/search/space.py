@@ -25,7 +25,8 @@ from typing import Any, Mapping
 from study.errors import ConfigError, did_you_mean, unknown_key
 from study.search import samplers
 from study.search.objectives import DEFAULT_OBJECTIVES, Objective, check_suite_objectives, parse_objectives
-from study.search.robust_settings import CONFIRM_DEFAULT, ConfirmSettings, RobustnessSettings, parse_confirm
+from study.search.robust_settings import (CONFIRM_DEFAULT, BaselineSettings, ConfirmSettings, RobustnessSettings,
+                                          check_confirm, parse_baselines, parse_confirm)
 from study.trial.config import TrialConfig, build, in_range, merge, read_yaml, trial_from_dict, unflatten
 
 TOP_KEYS = ("study", "trial", "search")
@@ -76,10 +77,14 @@ class StudySettings:
     robustness: RobustnessSettings | None = None  # the robustness suite per trial (search) and on the front (final)
     # test-split confirmation of every Pareto-front trial (always)
     confirm: ConfirmSettings = field(default=CONFIRM_DEFAULT, metadata={"parse": parse_confirm})
+    # the LWM baseline at the front's sizes, validated and confirmed on test after the front (None = off)
+    baselines: BaselineSettings | None = field(default=None, metadata={"parse": parse_baselines})
 
     def __post_init__(self) -> None:
         # suite objectives take the suite's spelling (robust.l2.1.0 -> robust.l2.1) and need their section
         object.__setattr__(self, "objectives", check_suite_objectives(self.objectives, self.robustness))
+        if self.baselines is not None:  # the baselines' confirmation is study.confirm with some keys changed
+            check_confirm(self.baselines.confirm_settings(self.confirm), "baselines.confirm")
         if self.sampler_options:
             valid = samplers.option_names(self.sampler)
             for key in self.sampler_options:
