@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
     p.add_argument("--archs", default="resnet18,vgg16_bn")
     p.add_argument("--trials", type=int, default=0,
-                   help="trials of the study-overhead benchmark (default: 3 quickstart trials on CUDA, 2 shortened on CPU)")
+                   help="trials of the study-overhead benchmark (default: the quickstart's 8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (CUDA)")
     p.add_argument("--out", default=str(DOC), help="markdown file to write ('' = do not write)")
     p.add_argument("--keep", action="store_true",
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         raw["prune_overhead"] = prune_overhead.run(prune_overhead.default_specs(device, archs), log)
     if "study_overhead" in only:
         print("[bench] 3. study machinery overhead", flush=True)
-        cuda = device == "cuda"
-        raw["study_overhead"] = study_overhead.run(args.trials or (3 if cuda else 2), os.cpu_count() or 1, log=log,
-                                                   short=not cuda)
+        raw["study_overhead"] = study_overhead.run(args.trials or study_overhead.DEFAULT_TRIALS, log=log)
     if "memory" in only:
         print("[bench] 4. peak memory", flush=True)
         raw["memory"] = memory.run(device, archs, log=log)

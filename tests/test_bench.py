@@ -77,10 +77,19 @@ def test_tables_render_from_given_numbers():
     t2 = prune_overhead.table([{"spec": {**spec, "loops": ["dense", "prune", "finetune"]},
                                 "loops": _loops(dense=2.0, prune=1.6, finetune=2.0), "errors": {}}], MACHINE)
     assert t2.rows[0][5] == "+25.0%" and t2.rows[0][7] == "+0.0%"
-    t3 = study_overhead.table({"ray_start_s": 5.0, "ray_stop_s": 1.0, "study_s": 110.0, "plain_s": 100.0,
-                               "pretrain_s": 10.0, "trial_s": [45.0, 45.0], "n_trials": 2, "complete": 2, "failed": 0,
-                               "threads": 2, "space": "s.yaml"}, MACHINE)
-    assert t3.rows[0][4] == "10.0" and t3.rows[0][6] == "5.0"
+    t0 = 1000.0
+    trials = [{"start": t0 + 12, "end": t0 + 56, "pid": 1, "report_s": 0.5},
+              {"start": t0 + 12.5, "end": t0 + 57, "pid": 2, "report_s": 0.5}]
+    t3 = study_overhead.table({"ray_start_s": 5.0, "ray_stop_s": 1.0, "study_s": 60.0, "plain_s": 56.0,
+                               "pretrain_s": 10.0, "pool_ready_s": 3.0, "trial_s": [44.0, 44.0], "n_trials": 2,
+                               "complete": 2, "failed": 0, "space": "s.yaml", "start": t0, "end": t0 + 60,
+                               "fit": (t0 + 2, t0 + 58), "pretrain": {"end": t0 + 11.5}, "trials": trials,
+                               "driver_s": {}, "driver_calls": {}, "concurrency": 2, "cpus_per_trial": 1}, MACHINE)
+    assert t3.rows[0][1:] == ["60.0", "56.0", "4.0", "2.0", "6.7%"]  # total: study, plain, overhead, per trial, %
+    assert t3.rows[1][1:4] == ["11.5", "10.0", "1.5"]  # start -> dense model: 11.5 s against the plain 10
+    assert t3.rows[2][1:4] == ["45.5", "46.0", "-0.50"]  # dense -> last trial end (57): against plain 56 - 10
+    assert t3.rows[3][1:4] == ["3.0", "0.00", "3.0"]  # after the last trial
+    assert "0.75" in t3.rows[6][1]  # first trial's start after the dense model, mean of the two workers
     t4 = memory.table([{"what": "a step", "batch": 2, "attack_steps": 2, "peak_mem": 3 * 2**20, "base_mem": 2**20},
                        {"what": "a trial", "batch": 64, "attack_steps": "3/5", "peak_mem": 2**21, "base_mem": 2**20}],
                       MACHINE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -290,3 +291,22 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path), download=True))
     msg = str(err.value)
     assert "\n" not in msg and "'cifar10'" in msg and str(tmp_path) in msg and "name resolution" in msg
+
+
+def test_digits_are_read_as_scikit_learn_reads_them_without_importing_it(tmp_path):
+    """The digits file is parsed directly (importing scikit-learn costs every worker process 1.2 s): the
+    same arrays as sklearn.datasets.load_digits, and scikit-learn left unimported."""
+    import subprocess
+
+    from sklearn.datasets import load_digits
+
+    from study.trial.data import _read_digits
+
+    raw = _read_digits(tmp_path, False)
+    ref = load_digits()
+    assert np.array_equal(raw.x_train, (ref.images / 16.0).astype(np.float32)[:, None]) and raw.x_train.dtype == np.float32
+    assert np.array_equal(raw.y_train, ref.target) and raw.y_train.dtype == np.int64
+    code = ("import sys; from pathlib import Path; from study.trial.data import _read_digits; "
+            "_read_digits(Path('.'), False); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -161,6 +161,10 @@ def test_conditional_parent_comes_first_and_fallback_is_fixed_value():
     ({"study/objectives": [{"metric": "final.autoattack.linf.0.1", "mode": "max"}]}, "study.objectives[0].metric",
      ["did you mean robust.linf.0.1?"]),
     # the test-split confirmation's settings
+    ({"study/gpus_per_trial": 1.5}, "study.gpus_per_trial", ["whole number of GPUs", "1.5"]),
+    ({"study/gpus_per_trial": 0.33333}, "study.gpus_per_trial", ["at most 4 decimals"]),
+    ({"study/gpus_per_trial": -0.25}, "study.gpus_per_trial", ["auto or a number >= 0"]),
+    ({"study/gpus_per_trial": "half"}, "study.gpus_per_trial", ["auto or a number >= 0"]),
     ({"study/confirm": {"restart": 2}}, "study.confirm.restart", ["did you mean 'restarts'", "points, steps"]),
     ({"study/confirm": {"points": -1}}, "study.confirm.points", [">= 0"]),
     ({"study/confirm": {"steps": 0}}, "study.confirm.steps", [">= 1"]),
@@ -195,6 +199,11 @@ def test_mistakes_name_the_key_and_the_choices(edits, key, words):
     assert err.key == key, str(err)
     for w in words:
         assert w in str(err), str(err)
+
+
+@pytest.mark.parametrize("value", [0, 0.25, 0.5, 1, 2, "auto"])
+def test_gpus_per_trial_takes_fractions_and_whole_gpus(value):
+    assert _space(**{"study/gpus_per_trial": value}).study.gpus_per_trial == (value if value == "auto" else float(value))
 
 
 def test_load_space_names_the_file(tmp_path):

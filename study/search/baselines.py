@@ -275,10 +275,7 @@ def _run(st: "Study", todo: list, entries: list, confirm: Any, cpus: float, gpus
 
 
 def _reason(e: Exception) -> str:
-    """A failed task's reason: a user mistake inside it as its one line, not Ray's stack (as
-    runner.Study.run_pretraining unwraps it)."""
-    from study.errors import ConfigError, UserError
-    from study.trial.data import DataError
+    """A failed task's reason: a user mistake inside it as its one line, not Ray's stack."""
+    from study.search.dense import user_error
 
-    cause = getattr(e, "cause", None)
-    return str(cause) if isinstance(cause, (ConfigError, UserError, DataError)) else str(e)
+    return str(user_error(e) or e)

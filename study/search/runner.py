@@ -87,6 +87,8 @@ class Study:
         self.space, self.paths, self.manifest = space, paths, manifest
         self.run_trial, self.pretrain = run_trial, pretrain
         self.final_eval = final_eval  # the test-split evaluation of the front (study.confirm, study.robustness)
+        self.wipe_runs = False  # --fresh: delete the name's earlier MLflow runs (done while the dense model trains)
+        self.pretraining_failed = False  # then no trial trained: a new study is removed again (_undo_creation)
         self.within_points = 1.0  # the report recommends the smallest model within this many accuracy points of dense
         s = space.study
         cache = space.base_config().cache_dir
@@ -112,13 +114,14 @@ class Study:
             relocate_artifacts(uri, self.space.study.name, Path(root))
         return Tracker(uri, self.space.study.name, artifact_root=root)
 
-    def trainable(self, cpus: float, gpus: float) -> Any:
+    def trainable(self, cpus: float, gpus: float, dense: Any = None) -> Any:
         from ray import tune
 
         s = self.space.study
         fn = tune.with_parameters(study_trainable, base=self.space.trial, fixed=self.fixed, objectives=s.metrics,
                                   study_dir=self.paths.location(), threads=max(1, int(cpus)), run_trial=self.run_trial,
-                                  robustness=s.robustness)
+                                  robustness=s.robustness,
+                                  dense=dense.handle() if dense is not None else None)
         return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
     def searcher(self) -> Any:
@@ -147,27 +150,15 @@ class Study:
         """The TrialConfig of a Tune trial config (searched values + NUMBER_KEY) in this study."""
         return build_config(self.space.trial, self.fixed, config)
 
-    def run_pretraining(self, cpus: float, gpus: float) -> None:
-        """The dense model, once per study, as a Ray task on the resources of one trial.
+    def start_pretraining(self, cpus: float, gpus: float) -> Any:
+        """The dense model, once per study (study.search.dense): from the cache, or a Ray task on the
+        resources of one trial that runs while the driver sets up and the first trials start.
 
         (Not more threads on a CPU machine: small convolutions gain little from them, and torch's
         spinning threads slow down ten-fold when the cores are shared.)"""
-        import ray
+        from study.search.dense import Pretraining
 
-        cfg = self.space.trial_config({}, self.fixed)
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(pretrain_task)
-        t0 = time.perf_counter()
-        print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) on {cpus:g} CPU / {gpus:g} GPU ...", flush=True)
-        try:
-            path = ray.get(task.remote(cfg, max(1, int(cpus)), self.pretrain))
-        except ray.exceptions.RayTaskError as e:  # a user mistake inside the task: its one line, not Ray's stack
-            from study.errors import UserError
-            from study.trial.data import DataError
-
-            if isinstance(e.cause, (ConfigError, UserError, DataError)):
-                raise e.cause from None
-            raise
-        print(f"[study] dense model ready in {time.perf_counter() - t0:.1f}s: {path}", flush=True)
+        return Pretraining(self.space.trial_config({}, self.fixed), cpus, gpus, self.pretrain, pretrain_task)
 
     # --- the search ------------------------------------------------------------------------------
 
@@ -176,21 +167,29 @@ class Study:
 
         s = self.space.study
         optuna_study = load_optuna_study(self.manifest.storage, s.name, self.space)
+        gpus = resolve_gpus(s.gpus_per_trial)
+        cpus = s.cpus_per_trial
+        remaining = s.n_trials - finished_count(optuna_study)
+        t0 = time.monotonic()
+        search = remaining > 0 or (resume and tune.Tuner.can_restore(self.paths.experiment_location))
+        dense = self.start_pretraining(cpus, gpus) if search else None  # runs while the driver sets up
         tracker = self.tracker()
+        if self.wipe_runs:
+            tracker.delete_study_runs(s.name)
         from study.search.tracking import open_parent_run
 
         params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
         self.manifest.parent_run_id = open_parent_run(tracker, s.name, self.manifest.parent_run_id, params,
                                                       self.paths.space)
         self.save_manifest()
-        gpus = resolve_gpus(s.gpus_per_trial)
-        cpus = s.cpus_per_trial
-        remaining = s.n_trials - finished_count(optuna_study)
-        t0 = time.monotonic()
-        if remaining > 0 or (resume and tune.Tuner.can_restore(self.paths.experiment_location)):
-            self.run_pretraining(cpus, gpus)
-            tuner = self._tuner(resume, remaining, cpus, gpus, tracker)
+        if dense is not None:
+            tuner = self._tuner(resume, remaining, cpus, gpus, tracker, dense)
             tuner.fit()
+            try:
+                dense.check()  # a failed pretraining stopped the search: its own error
+            except BaseException:
+                self.pretraining_failed = True
+                raise
         elapsed = time.monotonic() - t0
         done = finished_count(optuna_study)
         budget_spent = s.time_budget_s > 0 and elapsed >= s.time_budget_s
@@ -239,7 +238,7 @@ class Study:
     def _custom_runs_dir(self) -> bool:
         return self.paths.remote or Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
 
-    def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any) -> Any:
+    def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any) -> Any:
         from ray import tune
 
         # Epoch reports carry no objective on purpose (a partial value must never reach Optuna as final);
@@ -251,12 +250,13 @@ class Study:
         # deletes the older checkpoint when a new one registers, and a driver killed before the next
         # (throttled) snapshot left a state pointing at a deleted checkpoint ("does not exist on storage").
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-        trainable = self.trainable(cpus, gpus)
+        trainable = self.trainable(cpus, gpus, dense)
         if resume and tune.Tuner.can_restore(self.paths.experiment_location):
             print(f"[study] restoring the Tune experiment {self.paths.experiment_location}", flush=True)
             tuner = tune.Tuner.restore(self.paths.experiment_location, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
             self._repoint(tuner, tracker)
+            tuner._local_tuner._run_config.stop = dense.guard()
             return tuner
         if self.paths.experiment_exists():  # a Tune folder that cannot be restored (died while starting)
             self.paths.remove_experiment()
@@ -272,7 +272,7 @@ class Study:
                 name=s.name, storage_path=self.paths.tune_storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[self.callback(tracker)]),
+                callbacks=[self.callback(tracker)], stop=dense.guard()),
         )
 
     def _repoint(self, tuner: Any, tracker: Any) -> None:
@@ -390,7 +390,7 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
     lock.acquire()
     try:
         if fresh:
-            wipe_study(paths, url, uri)
+            wipe_study(paths, url, uri, runs=False)  # the MLflow runs: in execute, while the dense model trains
         manifest = Manifest(name=name, space_file=str(Path(space.path).resolve()), storage=url,
                             tracking_uri=uri, runs_dir=paths.runs or str(Path(runs_dir).resolve()))
         header = f"# the validated search space of study {name!r}, from {space.path}\n"
@@ -398,11 +398,12 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
         paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
         paths.push("space.yaml")
         study = Study(space, paths, manifest, run_trial, pretrain, final_eval)
+        study.wipe_runs = fresh
         study.save_manifest()
         try:
             return study.execute(resume=False)
         except Exception:
-            _undo_creation(paths, url, uri, existed)
+            _undo_creation(paths, url, uri, existed, before_trials=study.pretraining_failed)
             raise
     finally:
         lock.release()
@@ -429,12 +430,14 @@ def _preflight(space: SearchSpace, storage: str, tracking_uri: str, address: str
                               joined=bool(address or os.environ.get("RAY_ADDRESS")))
 
 
-def _undo_creation(paths: StudyPaths, storage_url: str, tracking_uri: str, existed: bool) -> None:
+def _undo_creation(paths: StudyPaths, storage_url: str, tracking_uri: str, existed: bool,
+                   before_trials: bool = False) -> None:
     """A study that failed before its first trial ran: remove what this invocation created (its Optuna
-    study, its MLflow runs, its folder), so that the same command can simply be run again."""
+    study, its MLflow runs, its folder), so that the same command can simply be run again. `before_trials`:
+    known to have failed before any trial trained (its pretraining failed while the trials waited for it)."""
     try:
         study = load_optuna_study(storage_url, paths.name)
-        if study.get_trials(deepcopy=False) or paths.experiment.exists():
+        if not before_trials and (study.get_trials(deepcopy=False) or paths.experiment.exists()):
             log.warning("study %s failed after its search started; `study resume %s` continues it", paths.name,
                         paths.name)
             return
@@ -512,8 +515,8 @@ def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, Search
     return paths, manifest, load_space(paths.space)
 
 
-def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str) -> None:
-    """--fresh: forget a study (its folder, its Optuna study, its MLflow runs)."""
+def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str, runs: bool = True) -> None:
+    """--fresh: forget a study (its folder, its Optuna study, and with `runs` its MLflow runs)."""
     import optuna
 
     name = paths.name
@@ -521,12 +524,10 @@ def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str) -> None:
         optuna.delete_study(study_name=name, storage=open_storage(storage_url))
     except KeyError:
         pass
-    from study.search.tracking import Tracker
+    if runs:
+        from study.search.tracking import Tracker
 
-    tracker = Tracker(tracking_uri, name)
-    if tracker.client.get_experiment_by_name(name) is not None:
-        for run in tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.study = '{name}'"):
-            tracker.client.delete_run(run.info.run_id)
+        Tracker(tracking_uri, name).delete_study_runs(name)
     for sub in (paths.tune_dir, paths.trials):
         shutil.rmtree(sub, ignore_errors=True)
     for f in (paths.manifest, paths.space, paths.pareto):

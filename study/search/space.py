@@ -51,10 +51,16 @@ def _sampler_options(value: Any, key: str) -> dict:
 
 
 def _gpus(value: Any, key: str) -> str | float:
+    """auto, 0, a fraction of one GPU (0.25: four trials share a GPU; Ray's resolution is 1e-4), or whole GPUs."""
     if value == "auto":
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(key, f"expected auto or a number >= 0, got {value!r}")
+    if value > 1 and value != int(value):
+        raise ConfigError(key, f"expected a fraction of one GPU (0 < x <= 1) or a whole number of GPUs, got {value!r}: "
+                               "Ray cannot give a trial 1.5 GPUs")
+    if 0 < value < 1 and round(value, 4) != value:
+        raise ConfigError(key, f"expected a fraction with at most 4 decimals (Ray's resolution), got {value!r}")
     return float(value)
 
 
@@ -68,7 +74,8 @@ class StudySettings:
     n_trials: int = field(default=8, metadata=in_range(1))  # trials in total (COMPLETE + FAIL), across resumes
     max_concurrent: int = field(default=1, metadata=in_range(1))  # trials running at once
     time_budget_s: float = field(default=0.0, metadata=in_range(0.0))  # wall-clock budget of the search; 0 = none
-    gpus_per_trial: str | float = field(default="auto", metadata={"parse": _gpus})  # auto = 1 where the cluster has GPUs
+    # auto = 1 where the cluster has GPUs; 0.25 = four trials share one GPU (small models); 2 = two whole GPUs
+    gpus_per_trial: str | float = field(default="auto", metadata={"parse": _gpus})
     cpus_per_trial: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))  # also torch's thread count
     max_failures: int = field(default=0, metadata=in_range(0))  # Tune retries of a crashed trial
     seed: int = field(default=0, metadata=in_range(0))  # sampler seed

@@ -163,6 +163,14 @@ class Tracker:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
+    def delete_study_runs(self, study: str) -> None:
+        """--fresh: delete every run of `study` in this experiment (none if the experiment does not exist)."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return
+        for run in self.client.search_runs([exp.experiment_id], filter_string=f"tags.study = '{study}'"):
+            self.client.delete_run(run.info.run_id)
+
     def find_run(self, tags: Mapping[str, str]) -> Any | None:
         query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2,

@@ -59,9 +59,11 @@ def _node_id() -> str:
 
 
 def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequence[str], study_dir: str,
-                    threads: int = 1, run_trial: Callable | None = None, robustness: Any = None) -> None:
+                    threads: int = 1, run_trial: Callable | None = None, robustness: Any = None,
+                    dense: Any = None) -> None:
     """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's.
-    `robustness` (robust_settings.RobustnessSettings): the suite's search-budget metrics join the final ones."""
+    `robustness` (robust_settings.RobustnessSettings): the suite's search-budget metrics join the final ones.
+    `dense`: what to wait for while the dense model is being pretrained (study.search.dense.wait_for)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     from ray import tune
@@ -76,6 +78,10 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     if saved is not None:  # finished before the driver went away: report it again, do not retrain
         tune.report(saved)
         return
+    if dense is not None:  # the dense model is being pretrained: wait for it
+        from study.search.dense import wait_for
+
+        wait_for(dense)
     out = files.local
     cfg = local_cache(cfg)
 

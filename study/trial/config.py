@@ -167,6 +167,10 @@ class TrialConfig:
         blob = json.dumps(parts, sort_keys=True).encode()
         return f"{self.data.name}-{self.model.arch}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
+    def pretrain_file_name(self) -> str:
+        """The dense checkpoint's file name in cache_dir."""
+        return f"{self.pretrain_key()}.pt"
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}

@@ -155,7 +155,7 @@ def _train_stage(
 
 
 def pretrain_path(cfg: TrialConfig) -> Path:
-    return Path(cfg.cache_dir) / f"{cfg.pretrain_key()}.pt"
+    return Path(cfg.cache_dir) / cfg.pretrain_file_name()
 
 
 def pretrain(cfg: TrialConfig) -> Path:

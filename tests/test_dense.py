@@ -1,0 +1,128 @@
+"""The study's dense model (study.search.dense): pretraining overlaps the driver's set-up and the trial
+workers' start, yet no trial trains before the dense model exists; a failed pretraining stops the search
+with its own error and removes the new study; a cached model needs no pretraining at all."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from conftest import QUICKSTART, fake_pretrain, fake_run_trial
+from study.search import dense, runner
+from study.search.space import load_space
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ship_this_module(local_ray):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _space(n_trials=2, concurrent=2):
+    return load_space(QUICKSTART, {"study.n_trials": n_trials, "study.max_concurrent": concurrent})
+
+
+def slow_pretrain(cfg, *, log, after=6.0):
+    """Ends `after` seconds after a trial's Ray worker is alive (a trial that did not wait would have started)."""
+    from ray._private.state import actors
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            a["ActorClassName"] == "ImplicitFunc" and a["State"] == "ALIVE" for a in actors().values()):
+        time.sleep(0.1)
+    time.sleep(after)
+    path = fake_pretrain(cfg)
+    with open(log, "a") as f:
+        f.write(json.dumps({"kind": "pretrain", "end": time.time(), "pid": os.getpid()}) + "\n")
+    return path
+
+
+def stamped_trial(cfg, *, log, **kw):
+    with open(log, "a") as f:
+        f.write(json.dumps({"kind": "trial", "start": time.time(), "pid": os.getpid()}) + "\n")
+    return fake_run_trial(cfg, **kw)
+
+
+def broken_pretrain(cfg):
+    from study.trial.data import DataError
+
+    raise DataError("data set 'digits' vanished")
+
+
+def _events(log):
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["driver", "task"])
+def test_no_trial_trains_before_the_dense_model_exists(tmp_path, monkeypatch, capsys, mode):
+    if mode == "task":  # what a cluster gets: a Ray task on a trial's resources
+        monkeypatch.setattr(dense, "single_machine", lambda cpus: False)
+    log = tmp_path / "events.jsonl"
+    outcome = runner.run_study(_space(), runs_dir=tmp_path / "runs", final_eval=False,
+                               pretrain=functools.partial(slow_pretrain, log=str(log)),
+                               run_trial=functools.partial(stamped_trial, log=str(log)))
+    assert outcome.status == "complete" and outcome.complete == 2
+    events = _events(log)
+    pre = [e for e in events if e["kind"] == "pretrain"]
+    trials = [e for e in events if e["kind"] == "trial"]
+    assert len(pre) == 1 and len(trials) == 2
+    assert all(t["start"] >= pre[0]["end"] for t in trials)  # their workers were up: they waited
+    assert (pre[0]["pid"] == os.getpid()) == (mode == "driver")
+    out = capsys.readouterr().out
+    assert ("in the driver" in out) == (mode == "driver") and "dense model ready" in out
+
+
+def test_a_failed_pretraining_task_stops_the_search_and_removes_the_new_study(tmp_path, monkeypatch):
+    from study.trial.data import DataError
+
+    monkeypatch.setattr(dense, "single_machine", lambda cpus: False)
+    runs = tmp_path / "runs"
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="vanished"):  # its own error, not Ray's wrapper
+        runner.run_study(_space(n_trials=6), runs_dir=runs, run_trial=fake_run_trial, pretrain=broken_pretrain)
+    assert time.monotonic() - t0 < 60
+    assert not (runs / "quickstart").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    assert not client.search_runs([exp.experiment_id])  # the parent run and any trial run: deleted
+
+
+def test_fresh_keeps_the_dense_model_and_the_driver_finds_it_in_the_cache(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runner.run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+                     run_trial=fake_run_trial)
+    cached = list((runs / "quickstart" / "pretrained").glob("*.pt"))
+    assert len(cached) == 1
+    capsys.readouterr()
+    # pretrain=None: the pipeline's own, which would train for real; the driver finds the checkpoint instead
+    again = runner.run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False, fresh=True,
+                             run_trial=fake_run_trial)
+    assert again.status == "complete"
+    out = capsys.readouterr().out
+    assert f"dense model found in the cache: {cached[0]}" in out and "pretraining the dense model" not in out
+
+
+def test_the_pretraining_handle_and_the_wait(tmp_path):
+    from study.trial.config import trial_from_dict
+
+    from conftest import TINY_TRIAL
+
+    cfg = trial_from_dict(TINY_TRIAL, {"cache_dir": str(tmp_path)})
+    assert not dense.cached(cfg)
+    p = dense.Pretraining(cfg, 1, 0, fake_pretrain, lambda c, threads, pre: pre(c))  # one machine: a thread
+    handle = p.handle()
+    assert set(handle) == {"marker"}
+    dense.wait_for(handle)  # returns once the marker is written
+    p.check()
+    assert dense.cached(cfg) and p.path == str(tmp_path / cfg.pretrain_file_name())
+    never = dense.Pretraining(cfg, 1, 0, None, lambda *a: pytest.fail("a cached model is not pretrained again"))
+    assert never.handle() is None and never.poll() and never.path == str(tmp_path / cfg.pretrain_file_name())
+    missing = trial_from_dict(TINY_TRIAL, {"cache_dir": str(tmp_path), "pretrained": str(tmp_path / "no.pt")})
+    assert not dense.cached(missing)
