@@ -5,7 +5,7 @@
 1. Ray start-up: `study.search.ray_cluster.start_ray` timed on its own (once per driver; shown, not in the totals).
 2. The study: `study.search.runner.run_study` of N trials with the space's own concurrency and CPUs per trial
    (the quickstart: 2 trials at a time, 1 CPU each), Ray already up, without the front's test-split
-   evaluation (study.confirm, study.baselines: work, not machinery): the pretraining task, Tune trials,
+   evaluation (study.confirm, study.baselines: work, not machinery): the pretraining, Tune trials,
    Optuna asks/tells, MLflow runs, per-epoch checkpoints, the Pareto front and the report.
 3. The plain script doing the same work: `study.trial.pipeline.pretrain` in this process, then `run_trial` for
    each config the study ran (read back from its Optuna storage, in trial order) on a pool of as many worker
@@ -67,7 +67,7 @@ def timed_trial(cfg, *, on_epoch=None, resume_state=None, log: str):
 
 
 def timed_pretrain(cfg, *, log: str):
-    """The pipeline's pretrain in the pretraining task's worker, its start and end appended to `log`."""
+    """The pipeline's pretrain where the study runs it (driver thread or Ray task), its end appended to `log`."""
     from study.trial.pipeline import pretrain
 
     start = time.time()
@@ -309,8 +309,8 @@ def table(r: dict[str, Any], machine: common.Machine) -> common.Table:
     notes = [
         f"`{r['space']}` with study.n_trials={r['n_trials']}" + "".join(f", {k}={v}" for k, v in over.items())
         + f" ({r['concurrency']} trials at a time, {r['cpus_per_trial']:g} CPU each), no final evaluation: the study = "
-        "study.search.runner.run_study (pretraining Ray task, Tune + Optuna, MLflow sqlite tracking, per-epoch "
-        "checkpoints, Pareto front + report) with Ray already started; the plain script = study.trial.pipeline.pretrain "
+        "study.search.runner.run_study (pretraining: in the driver on a one-machine CPU study, study.search.dense; "
+        "Tune + Optuna, MLflow sqlite tracking, per-epoch checkpoints, Pareto front + report) with Ray already started; the plain script = study.trial.pipeline.pretrain "
         f"in one process while a pool of {r['concurrency']} worker processes starts (spawn + imports: ready after "
         f"{r.get('pool_ready_s', 0):.1f} s), then run_trial per trial config on the pool, same torch threads.",
         f"Ray start-up {r['ray_start_s']:.1f} s (+{r['ray_stop_s']:.1f} s shutdown), once per driver, not in the totals; "
