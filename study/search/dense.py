@@ -53,6 +53,13 @@ def cached(cfg: Any) -> bool:
     return (Path(cfg.cache_dir) / name).is_file()
 
 
+def location(folder: str, name: str) -> str:
+    """`folder`/`name` for a local folder or an object-store URI (Path would fold s3:// into s3:/)."""
+    from study.search.store import Store, is_remote
+
+    return Store(folder).url(name) if is_remote(folder) else str(Path(folder) / name)
+
+
 def single_machine(cpus: float) -> bool:
     """Ray's only live node is the driver's, and it has the CPUs of a trial."""
     import ray
@@ -89,7 +96,7 @@ class Pretraining:
         self.error: BaseException | None = None
         self._announced = False
         if pretrain is None and cached(cfg):
-            self.path = cfg.pretrained or str(Path(cfg.cache_dir) / cfg.pretrain_file_name())
+            self.path = cfg.pretrained or location(cfg.cache_dir, cfg.pretrain_file_name())
             self._announced = True
             print(f"[study] dense model found in the cache: {self.path}", flush=True)
             return
