@@ -156,11 +156,9 @@ def local_cache(cfg: Any) -> Any:
         return cfg
     import dataclasses
 
-    from study.trial.pipeline import pretrain_path
-
     store, local = Store(cfg.cache_dir), scratch_dir(cfg.cache_dir)
     cfg = dataclasses.replace(cfg, cache_dir=str(local))
-    name = pretrain_path(cfg).name
+    name = cfg.pretrain_file_name()
     if not (local / name).is_file() and store.is_file(name):
         store.download_file(name, local / name)
     return cfg
