@@ -28,7 +28,7 @@ from bench import common
 
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 10
 KEEP_FRACTION = 0.1  # HYDRA's 90% sparsity
-LOOPS = ("reference", "ours", "ours_compiled")
+LOOPS = ("reference", "ours", "ours_compiled", "ours_bf16")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def ours_runner(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     from study.trial.engine import resolve_runtime, train_epoch
     from study.trial.losses import make_loss
 
-    runtime = resolve_runtime(spec.device, "auto")
+    runtime = resolve_runtime(spec.device, "bf16" if spec.loops == ("ours_bf16",) else "auto")
     after_step = prepare_ours(model, spec.stage)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -159,7 +159,7 @@ def build(loop: str, spec: Spec, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     model = _base_model(spec, dataset_info("cifar10"))
     if loop == "reference":
         return reference_runner(spec, model, x, y)
-    if loop in ("ours", "ours_compiled"):
+    if loop in ("ours", "ours_compiled", "ours_bf16"):
         return ours_runner(replace(spec, loops=(loop,)), model, x, y)
     if loop in ("dense", "prune", "finetune"):  # bench.prune_overhead: ours, per stage
         return ours_runner(replace(spec, loops=("ours",), stage=loop), model, x, y)
@@ -218,12 +218,22 @@ CPU_BATCHES = (32, 128)  # the batch sizes people train with; a ratio holds for 
 GPU_BATCHES = (256,)
 
 
+def cpu_bf16(device: str) -> bool:
+    """A CPU row also times ours with bf16 autocast (`precision: bf16`) where the CPU has native bf16 (oneDNN)."""
+    if device != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def default_specs(device: str, archs: list[str], stages: list[str], compile_: bool, batch: int = 0,
                   repeats: int = 0, batches: tuple[int, ...] = ()) -> list[Spec]:
     """One row per arch x stage x batch. CPU: batch 32 (2 timed repeats) and 128 (1: a reference step of
     resnet18 takes about a minute there); CUDA: batch 256, 10 steps per repeat, torch.compile rows."""
     cuda = device == "cuda"
-    loops = ("reference", "ours") + (("ours_compiled",) if compile_ else ())
+    loops = ("reference", "ours") + (("ours_compiled",) if compile_ else ()) + (("ours_bf16",) if cpu_bf16(device) else ())
     sizes = batches or ((batch,) if batch else GPU_BATCHES if cuda else CPU_BATCHES)
     return [Spec(loops=loops, arch=a, stage=s, device=device, batch=b, batches_per_repeat=10 if cuda else 1,
                  repeats=repeats or (3 if cuda else 2 if b <= 32 else 1), warmup=2 if cuda else 1)
@@ -234,14 +244,17 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
     cuda = machine.device != "cpu"
     flops = {a: forward_flops(a) for a in dict.fromkeys(r["spec"]["arch"] for r in results)}
     compiled = any("ours_compiled" in r["spec"]["loops"] for r in results)
+    bf16 = any("ours_bf16" in r["spec"]["loops"] for r in results)
     headers = ["arch", "stage", "batch", "reference img/s", "ours img/s", "ours / reference"]
     if compiled:
         headers += ["ours+compile img/s", "compiled / reference"]
+    if bf16:
+        headers += ["ours bf16 img/s", "bf16 / reference"]
     headers += ["best TFLOP/s", f"best % of {machine.matmul_dtype} matmul"]
     rows = []
     for r in results:
         sp, loops = r["spec"], r["loops"]
-        ref, ours, comp = (loops.get(k) for k in ("reference", "ours", "ours_compiled"))
+        ref, ours, comp, half = (loops.get(k) for k in ("reference", "ours", "ours_compiled", "ours_bf16"))
 
         def img(x: dict | None, name: str) -> str:
             return f"{x['images_s']:.2f}" if x else ("failed" if name in r["errors"] else "-")
@@ -252,7 +265,9 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
         row = [sp["arch"], sp["stage"], sp["batch"], img(ref, "reference"), img(ours, "ours"), rat(ours)]
         if compiled:
             row += [img(comp, "ours_compiled"), rat(comp)]
-        mine = [x for x in (ours, comp) if x]
+        if bf16:
+            row += [img(half, "ours_bf16"), rat(half)]
+        mine = [x for x in (ours, comp) if x]  # the matmul rate is float32's: bf16 rows are not in it
         if mine:
             tflops = max(x["images_s"] for x in mine) * (2 * STEPS + 3) * flops[sp["arch"]] / 1e12
             row += [f"{tflops:.3g}", f"{100 * tflops / machine.matmul_tflops:.1f}%"]
@@ -271,7 +286,9 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
         "finetune = fixed mask, weights train; dense = plain model.",
         "reference = sort-based top-k on every forward, loss.backward() over parameters inside the attack, fp32 eager "
         "(bench/reference.py); ours = study.trial.engine.train_epoch + make_loss('pgd') + resolve_runtime('auto','auto')"
-        + (" (bf16 autocast, channels_last)" if cuda else " (fp32)") + ".",
+        + (" (bf16 autocast, channels_last)" if cuda else " (fp32)") + "."
+        + (" ours bf16 = the same with `precision: bf16` (bf16 autocast on the CPU, which has native bf16); its "
+           "numerics are checked against fp32 in tests/test_fast_path.py." if bf16 else ""),
         f"TFLOP/s = images/s x (2K+3) F with K={STEPS} and F per image from torch's FLOP counter ("
         + ", ".join(f"{a} {f / 1e9:.2f} GFLOP" for a, f in flops.items())
         + f"); measured {machine.matmul_dtype} matmul rate {machine.matmul_tflops:.3g} TFLOP/s.",

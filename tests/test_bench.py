@@ -55,7 +55,7 @@ def test_both_attacks_stay_in_the_eps_ball():
 
 
 def test_every_loop_trains_a_tiny_model():
-    spec = throughput.Spec(loops=("reference", "ours", "dense", "prune", "finetune"), arch="small_cnn",
+    spec = throughput.Spec(loops=("reference", "ours", "ours_bf16", "dense", "prune", "finetune"), arch="small_cnn",
                            stage="prune", batch=2, device="cpu", width=2, repeats=1, warmup=1, attack_steps=1)
     r = throughput.measure(spec)
     assert not r["errors"]
@@ -74,22 +74,30 @@ def test_tables_render_from_given_numbers():
     t1 = throughput.table([{"spec": spec, "loops": _loops(reference=1.0, ours=3.0), "errors": {}, "peak_mem": 1,
                             "base_mem": 0}], MACHINE)
     assert t1.rows[0][:6] == ["small_cnn", "prune", 2, "1.00", "3.00", "3.00x"]
+    half = throughput.table([{"spec": {**spec, "loops": ["reference", "ours", "ours_bf16"]},
+                              "loops": _loops(reference=1.0, ours=3.0, ours_bf16=4.5), "errors": {}}], MACHINE)
+    assert half.headers[6:8] == ["ours bf16 img/s", "bf16 / reference"] and half.rows[0][6:8] == ["4.50", "4.50x"]
     t2 = prune_overhead.table([{"spec": {**spec, "loops": ["dense", "prune", "finetune"]},
                                 "loops": _loops(dense=2.0, prune=1.6, finetune=2.0), "errors": {}}], MACHINE)
     assert t2.rows[0][5] == "+25.0%" and t2.rows[0][7] == "+0.0%"
     t0 = 1000.0
     trials = [{"start": t0 + 12, "end": t0 + 56, "pid": 1, "report_s": 0.5},
               {"start": t0 + 12.5, "end": t0 + 57, "pid": 2, "report_s": 0.5}]
-    t3 = study_overhead.table({"ray_start_s": 5.0, "ray_stop_s": 1.0, "study_s": 60.0, "plain_s": 56.0,
+    t3 = study_overhead.table({"study_s": 60.0, "plain_s": 56.0, "returned": t0 + 59, "quickstart_s": 200.0,
+                               "pairs": [{"study_s": 60.0, "plain_s": 56.0}, {"study_s": 61.0, "plain_s": 55.0}],
                                "pretrain_s": 10.0, "pool_ready_s": 3.0, "trial_s": [44.0, 44.0], "n_trials": 2,
                                "complete": 2, "failed": 0, "space": "s.yaml", "start": t0, "end": t0 + 60,
                                "fit": (t0 + 2, t0 + 58), "pretrain": {"end": t0 + 11.5}, "trials": trials,
                                "driver_s": {}, "driver_calls": {}, "concurrency": 2, "cpus_per_trial": 1}, MACHINE)
-    assert t3.rows[0][1:] == ["60.0", "56.0", "4.0", "2.0", "6.7%"]  # total: study, plain, overhead, per trial, %
+    # total: study, plain, overhead, per trial, % of the study, % of the quickstart's wall
+    assert t3.rows[0][1:] == ["60.0", "56.0", "4.0", "2.0", "6.7%", "2.0%"]
     assert t3.rows[1][1:4] == ["11.5", "10.0", "1.5"]  # start -> dense model: 11.5 s against the plain 10
     assert t3.rows[2][1:4] == ["45.5", "46.0", "-0.50"]  # dense -> last trial end (57): against plain 56 - 10
-    assert t3.rows[3][1:4] == ["3.0", "0.00", "3.0"]  # after the last trial
-    assert "0.75" in t3.rows[6][1]  # first trial's start after the dense model, mean of the two workers
+    assert t3.rows[3][1:4] == ["2.0", "0.00", "2.0"]  # after the last trial, until run_study returned
+    assert t3.rows[4][1:4] == ["1.0", "0.00", "1.0"]  # Ray's shutdown
+    assert "0.75" in t3.rows[7][1]
+    assert any("60.0 / 56.0 = 4.0; 61.0 / 55.0 = 6.0" in n for n in t3.notes)
+    assert any("200.0 s" in n for n in t3.notes)  # first trial's start after the dense model, mean of the two workers
     t4 = memory.table([{"what": "a step", "batch": 2, "attack_steps": 2, "peak_mem": 3 * 2**20, "base_mem": 2**20},
                        {"what": "a trial", "batch": 64, "attack_steps": "3/5", "peak_mem": 2**21, "base_mem": 2**20}],
                       MACHINE)

@@ -27,18 +27,27 @@ def _space(n_trials=2, concurrent=2):
     return load_space(QUICKSTART, {"study.n_trials": n_trials, "study.max_concurrent": concurrent})
 
 
+def _trial_worker_alive() -> bool:
+    """A Tune trial's Ray worker process exists (Ray titles it ray::ImplicitFunc...). Read from the process
+    table, not Ray's API: a process forked from the driver must not use the driver's Ray connection."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if any("ImplicitFunc" in part for part in (p.info["cmdline"] or [])):
+            return True
+    return False
+
+
 def slow_pretrain(cfg, *, log, after=6.0):
     """Ends `after` seconds after a trial's Ray worker is alive (a trial that did not wait would have started)."""
-    from ray._private.state import actors
-
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(
-            a["ActorClassName"] == "ImplicitFunc" and a["State"] == "ALIVE" for a in actors().values()):
+    while time.monotonic() < deadline and not _trial_worker_alive():
         time.sleep(0.1)
+    assert _trial_worker_alive(), "no trial worker started while the dense model was pretrained"
     time.sleep(after)
     path = fake_pretrain(cfg)
     with open(log, "a") as f:
-        f.write(json.dumps({"kind": "pretrain", "end": time.time(), "pid": os.getpid()}) + "\n")
+        f.write(json.dumps({"kind": "pretrain", "end": time.time(), "pid": os.getpid(), "ppid": os.getppid()}) + "\n")
     return path
 
 
@@ -58,7 +67,7 @@ def _events(log):
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["driver", "task"])
+@pytest.mark.parametrize("mode", ["forked", "task"])
 def test_no_trial_trains_before_the_dense_model_exists(tmp_path, monkeypatch, capsys, mode):
     if mode == "task":  # what a cluster gets: a Ray task on a trial's resources
         monkeypatch.setattr(dense, "single_machine", lambda cpus: False)
@@ -72,9 +81,9 @@ def test_no_trial_trains_before_the_dense_model_exists(tmp_path, monkeypatch, ca
     trials = [e for e in events if e["kind"] == "trial"]
     assert len(pre) == 1 and len(trials) == 2
     assert all(t["start"] >= pre[0]["end"] for t in trials)  # their workers were up: they waited
-    assert (pre[0]["pid"] == os.getpid()) == (mode == "driver")
+    assert pre[0]["pid"] != os.getpid() and (pre[0]["ppid"] == os.getpid()) == (mode == "forked")
     out = capsys.readouterr().out
-    assert ("in the driver" in out) == (mode == "driver") and "dense model ready" in out
+    assert ("forked from the driver" in out) == (mode == "forked") and "dense model ready" in out
 
 
 def test_a_failed_pretraining_task_stops_the_search_and_removes_the_new_study(tmp_path, monkeypatch):
@@ -126,3 +135,41 @@ def test_the_pretraining_handle_and_the_wait(tmp_path):
     assert never.handle() is None and never.poll() and never.path == str(tmp_path / cfg.pretrain_file_name())
     missing = trial_from_dict(TINY_TRIAL, {"cache_dir": str(tmp_path), "pretrained": str(tmp_path / "no.pt")})
     assert not dense.cached(missing)
+
+
+def sleepy_pretrain(cfg, *, pidfile, seconds=120.0):
+    """Writes its pid, then trains for `seconds` (the driver is interrupted long before)."""
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return fake_pretrain(cfg)
+
+
+def test_ctrl_c_while_the_dense_model_trains_stops_it_and_resume_pretrains_again(tmp_path):
+    import signal
+    import threading
+
+    import psutil
+
+    runs, pidfile = tmp_path / "runs", tmp_path / "pretrain.pid"
+
+    def interrupt_once_a_trial_waits():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (_trial_worker_alive() and pidfile.exists()):
+            time.sleep(0.2)
+        time.sleep(1.0)  # Tune's fit is running: its SIGINT handler stops the search
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_a_trial_waits, daemon=True).start()
+    t0 = time.monotonic()
+    first = runner.run_study(_space(n_trials=2), runs_dir=runs, final_eval=False,
+                             pretrain=functools.partial(sleepy_pretrain, pidfile=str(pidfile)),
+                             run_trial=fake_run_trial)
+    assert first.status == "interrupted" and first.complete == 0
+    assert time.monotonic() - t0 < 100  # not the 120 s of the pretraining
+    child = int(pidfile.read_text())
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert not list((runs / "quickstart" / "pretrained").glob("*.pt"))  # nothing half-written in the cache
+    again = runner.resume_study("quickstart", runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+                                run_trial=fake_run_trial)
+    assert again.status == "complete" and again.complete == 2

@@ -39,6 +39,7 @@ study:
   cpus_per_trial: 1
   gpus_per_trial: 0
   max_failures: {max_failures}
+  checkpoint_every_s: 0   # a resume checkpoint every epoch: the fault tests resume from a given epoch
   seed: 0
   objectives:
     - {{metric: params_kept, mode: min}}

@@ -119,14 +119,15 @@ def test_failing_and_nan_trials_are_failed_and_the_study_completes(tmp_path):
 def test_interrupted_study_resumes_to_exactly_n_trials(tmp_path):
     marker = tmp_path / "interrupted"
     trial = functools.partial(fake_run_trial, interrupt=(2, os.getpid(), str(marker)))
-    first = _run(tmp_path, _space(n_trials=5, concurrent=1), run_trial=trial)
+    every_epoch = {"study.checkpoint_every_s": 0}  # a resume checkpoint per epoch (the default: one a minute)
+    first = _run(tmp_path, _space(n_trials=5, concurrent=1, **every_epoch), run_trial=trial)
     assert first.status == "interrupted" and marker.exists()
     study = _optuna(tmp_path)
     assert len(study.trials) < 5 and study.trials[2].state == TrialState.RUNNING
     # an Optuna trial asked just before the driver died (never reached Tune's checkpoint): an orphan
     orphan = study.ask()
     with pytest.raises(Exception):
-        runner.run_study(_space(n_trials=5, concurrent=1), runs_dir=tmp_path / "runs")  # exists: resume it
+        runner.run_study(_space(n_trials=5, concurrent=1, **every_epoch), runs_dir=tmp_path / "runs")  # exists
     log = tmp_path / "starts.txt"
     second = runner.resume_study("quickstart", runs_dir=tmp_path / "runs", pretrain=fake_pretrain,
                                  run_trial=functools.partial(logging_trial, log=str(log), inner=trial))

@@ -7,8 +7,11 @@ worker's start (a new process importing torch: 3-4 s on a 2-core CPU) in series 
 
 - cached (the checkpoint for this config's pretrain_key is in the study's cache, local or in the bucket,
   or `trial.pretrained` names an existing file): nothing to do, the trials read it;
-- one machine without GPUs for the trials (Ray's only node is the driver's): the driver trains it in a
-  thread (no Ray worker to start) and writes a marker file when it is done;
+- one machine without GPUs for the trials (Ray's only node is the driver's, or the local Ray this driver is
+  about to start): a child process forked from the driver trains it (no Ray worker to start and no torch
+  import: the fork shares the driver's; no GIL shared with the driver's own set-up) and writes a marker file
+  when it is done. It can start before Ray does (`run_study` starts it first), so Ray's start-up, the
+  MLflow and Optuna stores and the trial workers' start all overlap it;
 - otherwise (a cluster, or GPUs): a Ray task on the resources of one trial (CPUs reserved only on a
   cluster: on one machine every trial slot starts its worker meanwhile).
 
@@ -19,11 +22,14 @@ controller step: it prints when the model is ready and stops the search at once 
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
 import shutil
+import signal
 import tempfile
-import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +76,24 @@ def single_machine(cpus: float) -> bool:
             and nodes[0].get("Resources", {}).get("CPU", 0) >= max(cpus, 1))
 
 
+def local_cpu_study(address: str | None, gpus_setting: Any, cpus: float) -> bool:
+    """Before Ray starts: will this driver start a local Ray (no address, no $RAY_ADDRESS) whose trials get
+    no GPU? (Then pretraining can start at once, in a forked process.) With Ray already up: single_machine."""
+    import ray
+
+    if ray.is_initialized():
+        from study.search.ray_cluster import resolve_gpus
+
+        return resolve_gpus(gpus_setting) == 0 and single_machine(cpus)
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    if gpus_setting == "auto":
+        import torch
+
+        return torch.cuda.device_count() == 0  # Ray's local GPUs are the ones CUDA reports
+    return float(gpus_setting) == 0 and (os.cpu_count() or 1) >= max(cpus, 1)
+
+
 def wait_for(handle: Any) -> None:
     """In a trial: block until the dense model exists (a marker file, or the task's ObjectRef in a list:
     Ray hands over a listed reference, not its value). A failed task raises here."""
@@ -85,12 +109,14 @@ def wait_for(handle: Any) -> None:
 
 
 class Pretraining:
-    """The dense model of one study run: how it is obtained, its handle for the trials, its outcome."""
+    """The dense model of one study run: how it is obtained, its handle for the trials, its outcome.
+    `local`: a one-machine CPU study (local_cpu_study), None = ask Ray (single_machine)."""
 
-    def __init__(self, cfg: Any, cpus: float, gpus: float, pretrain: Callable | None, task: Callable):
+    def __init__(self, cfg: Any, cpus: float, gpus: float, pretrain: Callable | None, task: Callable,
+                 local: bool | None = None):
         self.started = time.perf_counter()
         self.ref: Any = None
-        self.thread: threading.Thread | None = None
+        self.process: Any = None
         self.marker: Path | None = None
         self.path: str | None = None
         self.error: BaseException | None = None
@@ -101,26 +127,34 @@ class Pretraining:
             print(f"[study] dense model found in the cache: {self.path}", flush=True)
             return
         threads = max(1, int(cpus))
-        local = single_machine(cpus)
-        where = "in the driver" if local and gpus == 0 else f"as a Ray task on {cpus:g} CPU / {gpus:g} GPU"
+        local = (gpus == 0 and single_machine(cpus)) if local is None else local
+        where = "in a process forked from the driver" if local else f"as a Ray task on {cpus:g} CPU / {gpus:g} GPU"
         print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) {where}; the trials wait for it ...",
               flush=True)
-        if local and gpus == 0:
+        if local:
             self.marker = Path(tempfile.mkdtemp(prefix="study-dense-")) / "ready"
-            self.thread = threading.Thread(target=self._train, args=(task, cfg, threads, pretrain),
-                                           name="study-pretraining", daemon=True)
-            self.thread.start()
+            self.process = multiprocessing.get_context("fork").Process(
+                target=_train_in_child, args=(task, cfg, threads, pretrain, str(self.marker)),
+                name="study-pretraining", daemon=True)
+            self.process.start()
             return
         import ray
 
-        self.ref = ray.remote(num_cpus=0 if local else cpus, num_gpus=gpus)(task).remote(cfg, threads, pretrain)
+        cpus_reserved = 0 if single_machine(cpus) else cpus  # one node: every trial slot starts its worker meanwhile
+        self.ref = ray.remote(num_cpus=cpus_reserved, num_gpus=gpus)(task).remote(cfg, threads, pretrain)
 
-    def _train(self, task: Callable, cfg: Any, threads: int, pretrain: Callable | None) -> None:
-        try:
-            self.path = str(task(cfg, threads, pretrain))
-            self.marker.write_text(self.path)
-        except BaseException as e:  # noqa: BLE001 - reported by check()
-            self.error = e
+    def cancel(self) -> None:
+        """The driver gives up (an error, Ctrl-C, the time budget): stop the pretraining process or task and
+        remove the marker's folder. A model already written stays in the cache."""
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        if self.ref is not None and self.path is None and self.error is None:
+            import ray
+
+            ray.cancel(self.ref, force=True)
+        if self.marker is not None:
+            shutil.rmtree(self.marker.parent, ignore_errors=True)
 
     def handle(self) -> Any:
         """What a trial waits on (wait_for), None when the model is there already."""
@@ -130,10 +164,11 @@ class Pretraining:
 
     def poll(self, timeout: float = 0) -> bool:
         """True once pretraining has ended (or there was none); records its path or its error."""
-        if self.thread is not None:
-            self.thread.join(timeout)
-            if self.thread.is_alive():
+        if self.process is not None and self.path is None and self.error is None:
+            self.process.join(timeout)
+            if self.process.is_alive():
                 return False
+            self.path, self.error = _child_outcome(self.marker, self.process.exitcode)
         elif self.ref is not None and self.path is None and self.error is None:
             import ray
 
@@ -176,3 +211,40 @@ class Pretraining:
                 return (NoopStopper, ())
 
         return PretrainingGuard()
+
+
+def _train_in_child(task: Callable, cfg: Any, threads: int, pretrain: Callable | None, marker: str) -> None:
+    """The forked pretraining process: the checkpoint's path into `marker`, or the exception into
+    `marker`.error (pickled; its text where it does not pickle). Dies with the driver (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a killed driver leaves no orphan
+    except Exception:  # noqa: BLE001 - not Linux: the driver's cancel() still stops it
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle (it cancels this process)
+    try:
+        path = str(task(cfg, threads, pretrain))
+    except BaseException as e:  # noqa: BLE001 - handed to the driver
+        text = "".join(traceback.format_exception(e))
+        try:
+            blob = pickle.dumps(e)
+            pickle.loads(blob)  # an exception whose __init__ takes other arguments pickles but does not load
+        except Exception:  # noqa: BLE001
+            blob = pickle.dumps(RuntimeError(f"pretraining failed:\n{text}"))
+        Path(marker + ".error").write_bytes(blob)
+        return
+    tmp = marker + ".tmp"
+    Path(tmp).write_text(path)
+    os.replace(tmp, marker)
+
+
+def _child_outcome(marker: Path, exitcode: int | None) -> tuple[str | None, BaseException | None]:
+    if marker.is_file():
+        return marker.read_text(), None
+    error = marker.with_name(marker.name + ".error")
+    if error.is_file():
+        return None, pickle.loads(error.read_bytes())
+    return None, RuntimeError(f"the pretraining process ended without a result (exit code {exitcode}: "
+                              "killed, or out of memory?)")

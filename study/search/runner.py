@@ -57,6 +57,16 @@ from study.search.trainable import build_config, pretrain_task, study_trainable
 log = logging.getLogger("study.search")
 
 
+def snapshot_period_s(checkpoint_every_s: float) -> float:
+    """Seconds between Tune's experiment snapshots (TUNE_GLOBAL_CHECKPOINT_S). Tune keeps two checkpoints per
+    trial (CheckpointConfig(num_to_keep=2)) and deletes the older one when a third registers; a snapshot taken
+    between any two consecutive checkpoints of a trial always names a kept one, even for a driver killed just
+    then. Checkpoints come at least checkpoint_every_s apart, so half of that (at most 10 s) is safe; with a
+    checkpoint every epoch, every controller step snapshots (0): a killed driver once restored a snapshot
+    that named a deleted checkpoint ("does not exist on storage")."""
+    return 0.0 if checkpoint_every_s <= 0 else min(10.0, checkpoint_every_s / 2)
+
+
 def _trial_name(trial: Any) -> str:
     return f"trial_{int(trial.config.get(NUMBER_KEY, 0)):04d}"
 
@@ -79,23 +89,30 @@ class Outcome:
     parent_run_id: str
 
 
+def fixed_config(space: SearchSpace, paths: StudyPaths) -> dict[str, str]:
+    """The trial config keys a study fixes: its name, the dense-model cache (the study's pretrained/ unless
+    the space names one) and the trials' output folder."""
+    cache = space.base_config().cache_dir
+    own_cache = paths.location("pretrained") if paths.remote else str(paths.pretrained)
+    return {"name": space.study.name,
+            "cache_dir": str(Path(cache).resolve()) if "cache_dir" in space.trial else own_cache,
+            "output_dir": paths.location("trials")}
+
+
 class Study:
     """Everything one study needs, built from its search space and its manifest."""
 
     def __init__(self, space: SearchSpace, paths: StudyPaths, manifest: Manifest,
-                 run_trial: Callable | None = None, pretrain: Callable | None = None, final_eval: bool = True):
+                 run_trial: Callable | None = None, pretrain: Callable | None = None, final_eval: bool = True,
+                 dense: Any = None):
         self.space, self.paths, self.manifest = space, paths, manifest
         self.run_trial, self.pretrain = run_trial, pretrain
+        self.dense = dense  # pretraining started before Ray (run_study: a one-machine CPU study), else None
         self.final_eval = final_eval  # the test-split evaluation of the front (study.confirm, study.robustness)
         self.wipe_runs = False  # --fresh: delete the name's earlier MLflow runs (done while the dense model trains)
         self.pretraining_failed = False  # then no trial trained: a new study is removed again (_undo_creation)
         self.within_points = 1.0  # the report recommends the smallest model within this many accuracy points of dense
-        s = space.study
-        cache = space.base_config().cache_dir
-        explicit_cache = "cache_dir" in space.trial
-        own_cache = paths.location("pretrained") if paths.remote else str(paths.pretrained)
-        self.fixed = {"name": s.name, "cache_dir": str(Path(cache).resolve()) if explicit_cache else own_cache,
-                      "output_dir": paths.location("trials")}
+        self.fixed = fixed_config(space, paths)
 
     # --- pieces ----------------------------------------------------------------------------------
 
@@ -120,7 +137,7 @@ class Study:
         s = self.space.study
         fn = tune.with_parameters(study_trainable, base=self.space.trial, fixed=self.fixed, objectives=s.metrics,
                                   study_dir=self.paths.location(), threads=max(1, int(cpus)), run_trial=self.run_trial,
-                                  robustness=s.robustness,
+                                  robustness=s.robustness, checkpoint_every_s=s.checkpoint_every_s,
                                   dense=dense.handle() if dense is not None else None)
         return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
@@ -137,6 +154,14 @@ class Study:
                                    trial_config=functools.partial(build_config, self.space.trial, self.fixed),
                                    link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name),
                                    trial_dir=self.paths.pull_trial)
+
+    def callbacks(self, tracker: Any) -> list[Any]:
+        """Tune's JSON and CSV result loggers (what `tune` and ExperimentAnalysis read) and the MLflow callback."""
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+        from study.search.warmup import ReportPreload
+
+        return [JsonLoggerCallback(), CSVLoggerCallback(), self.callback(tracker), ReportPreload(self.space.study.n_trials)]
 
     def save_manifest(self) -> None:
         self.manifest.save(self.paths.manifest)
@@ -157,6 +182,8 @@ class Study:
 
         (Not more threads on a CPU machine: small convolutions gain little from them, and torch's
         spinning threads slow down ten-fold when the cores are shared.)"""
+        if self.dense is not None:
+            return self.dense
         from study.search.dense import Pretraining
 
         return Pretraining(self.space.trial_config({}, self.fixed), cpus, gpus, self.pretrain, pretrain_task)
@@ -186,11 +213,17 @@ class Study:
         if dense is not None:
             tuner = self._tuner(resume, remaining, cpus, gpus, tracker, dense)
             tuner.fit()
-            try:
-                dense.check()  # a failed pretraining stopped the search: its own error
-            except BaseException:
-                self.pretraining_failed = True
-                raise
+            from study.search.warmup import wait_report
+
+            wait_report()  # the report's imports, started when the last trials ran (study.search.warmup)
+            if not dense.poll():  # the search ended before the dense model (Ctrl-C, time budget): no trial ran
+                dense.cancel()
+            else:
+                try:
+                    dense.check()  # a failed pretraining stopped the search: its own error
+                except BaseException:
+                    self.pretraining_failed = True
+                    raise
         elapsed = time.monotonic() - t0
         done = finished_count(optuna_study)
         budget_spent = s.time_budget_s > 0 and elapsed >= s.time_budget_s
@@ -245,12 +278,11 @@ class Study:
         # Epoch reports carry no objective on purpose (a partial value must never reach Optuna as final);
         # Tune's strict check would reject them. StudySearch fails any trial whose last report lacks one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        # A checkpoint per epoch is the point (resume); Tune's warning about frequent snapshots is noise.
+        # Frequent checkpoints are the point (resume); Tune's warning about frequent snapshots is noise.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        # Snapshot the experiment state at every controller step and keep two checkpoints per trial: Tune
-        # deletes the older checkpoint when a new one registers, and a driver killed before the next
-        # (throttled) snapshot left a state pointing at a deleted checkpoint ("does not exist on storage").
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(snapshot_period_s(self.space.study.checkpoint_every_s))
+        # Tune's TensorBoard logger (an import and an event file per result); its JSON and CSV loggers stay
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         trainable = self.trainable(cpus, gpus, dense)
         if resume and tune.Tuner.can_restore(self.paths.experiment_location):
             print(f"[study] restoring the Tune experiment {self.paths.experiment_location}", flush=True)
@@ -273,7 +305,7 @@ class Study:
                 name=s.name, storage_path=self.paths.tune_storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[self.callback(tracker)], stop=dense.guard()),
+                callbacks=self.callbacks(tracker), stop=dense.guard()),
         )
 
     def _repoint(self, tuner: Any, tracker: Any) -> None:
@@ -295,7 +327,7 @@ class Study:
         limited = ConcurrencyLimiter(search_alg, max_concurrent=self.space.study.max_concurrent)
         config.search_alg = relocated_class()(limited, self.paths.tune_storage, self.space.study.name)
         config.max_concurrent_trials = None  # the limiter is inside
-        internal._run_config.callbacks = [self.callback(tracker)]
+        internal._run_config.callbacks = self.callbacks(tracker)
 
     def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:
         from analysis import pareto
@@ -384,11 +416,20 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
     if not fresh and (_has_manifest(paths) or paths.experiment_exists()):
         raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.location()}; "
                           f"continue it with `study resume {name}`, or start over with --fresh", space.path)
-    _preflight(space, url, uri, address, num_cpus)
+    _check(space, url, uri, address, num_cpus)
     if not fresh and (url != paths.default_storage or sqlite_file(url).exists()):
         refuse_existing(url, name, space.path)
-    existed = paths.store.exists() if paths.remote else paths.root.exists()
-    lock.acquire()
+    dense = _early_pretraining(space, paths, pretrain, address, num_cpus, uri)
+    try:
+        _start_ray(space, address, num_cpus)
+        existed = paths.store.exists() if paths.remote else paths.root.exists()
+        lock.acquire()
+    except BaseException:
+        _cancel_early(dense, uri)
+        raise
+    from study.search import warmup
+
+    warmup.open_mlflow(uri)  # checked: the MLflow store may be created now
     try:
         if fresh:
             wipe_study(paths, url, uri, runs=False)  # the MLflow runs: in execute, while the dense model trains
@@ -398,7 +439,7 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
         paths.push("space.yaml")
-        study = Study(space, paths, manifest, run_trial, pretrain, final_eval)
+        study = Study(space, paths, manifest, run_trial, pretrain, final_eval, dense)
         study.wipe_runs = fresh
         study.save_manifest()
         try:
@@ -407,6 +448,7 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
             _undo_creation(paths, url, uri, existed, before_trials=study.pretraining_failed)
             raise
     finally:
+        _cancel_early(dense, uri)  # stops a pretraining still running after an error or Ctrl-C
         lock.release()
 
 
@@ -416,8 +458,8 @@ def _has_manifest(paths: StudyPaths) -> bool:
 
 
 
-def _preflight(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:
-    """Checks before anything is created (one line each, study.search.preflight); starts Ray."""
+def _check(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:
+    """Checks before anything is created or started (one line each, study.search.preflight)."""
     from study.search import preflight
 
     preflight.check_num_cpus(num_cpus)
@@ -425,10 +467,42 @@ def _preflight(space: SearchSpace, storage: str, tracking_uri: str, address: str
     preflight.check_storage(storage)
     preflight.check_tracking(tracking_uri)
     preflight.check_data(space)
+
+
+def _start_ray(space: SearchSpace, address: str | None, num_cpus: int | None) -> None:
+    """Ray (joined or started), and a trial's resources checked against it."""
+    from study.search import preflight
+
     start_ray(address, num_cpus)
     s = space.study
     preflight.check_resources(s.cpus_per_trial, resolve_gpus(s.gpus_per_trial),
                               joined=bool(address or os.environ.get("RAY_ADDRESS")))
+
+
+def _cancel_early(dense: Any, tracking_uri: str) -> None:
+    """Stop what _early_pretraining started and is still running (a no-op for what has ended)."""
+    from study.search import warmup
+
+    if dense is not None:
+        dense.cancel()
+    warmup.cancel_mlflow(tracking_uri)
+
+
+def _early_pretraining(space: SearchSpace, paths: StudyPaths, pretrain: Callable | None, address: str | None,
+                       num_cpus: int | None, tracking_uri: str) -> Any:
+    """A one-machine CPU study pretrains its dense model from here on, in a forked process, while Ray starts
+    (study.search.dense); then MLflow's import and store open in a thread (study.search.warmup),
+    forked after the pretraining so that the fork copies no half-done import. None: pretraining starts in
+    Study.execute (a cluster, GPUs)."""
+    from study.search import dense, warmup
+
+    s = space.study
+    local = (num_cpus is None or num_cpus >= s.cpus_per_trial) and dense.local_cpu_study(address, s.gpus_per_trial,
+                                                                                          s.cpus_per_trial)
+    early = (dense.Pretraining(space.trial_config({}, fixed_config(space, paths)), s.cpus_per_trial, 0.0, pretrain,
+                               pretrain_task, local=True) if local else None)
+    warmup.start_mlflow(tracking_uri)
+    return early
 
 
 def _undo_creation(paths: StudyPaths, storage_url: str, tracking_uri: str, existed: bool,
@@ -464,9 +538,17 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
     paths.check_storage_here(manifest.storage)
     lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()
-    _preflight(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
-    with lock.acquire():
-        return Study(space, paths, manifest, run_trial, pretrain, final_eval).execute(resume=True)
+    _check(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
+    dense = _early_pretraining(space, paths, pretrain, address, num_cpus, manifest.tracking_uri)
+    try:
+        _start_ray(space, address, num_cpus)
+        with lock.acquire():
+            from study.search import warmup
+
+            warmup.open_mlflow(manifest.tracking_uri)
+            return Study(space, paths, manifest, run_trial, pretrain, final_eval, dense).execute(resume=True)
+    finally:
+        _cancel_early(dense, manifest.tracking_uri)
 
 
 def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: float = 1.0) -> Outcome:

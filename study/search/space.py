@@ -78,6 +78,9 @@ class StudySettings:
     gpus_per_trial: str | float = field(default="auto", metadata={"parse": _gpus})
     cpus_per_trial: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))  # also torch's thread count
     max_failures: int = field(default=0, metadata=in_range(0))  # Tune retries of a crashed trial
+    # a trial's resume checkpoint at the first epoch end this many seconds after its previous one (or its
+    # start); 0 = every epoch. A killed trial loses at most this much training (plus an epoch)
+    checkpoint_every_s: float = field(default=60.0, metadata=in_range(0.0))
     seed: int = field(default=0, metadata=in_range(0))  # sampler seed
     storage: str = ""  # Optuna storage URL or journal file; "" = sqlite:///runs/<name>/optuna.db
     objectives: tuple[Objective, ...] = field(default=DEFAULT_OBJECTIVES, metadata={"parse": parse_objectives})

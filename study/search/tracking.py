@@ -144,6 +144,9 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
+            from study.search import warmup
+
+            warmup.wait_mlflow(self.tracking_uri)  # the driver's warm-up thread, if one opens this store
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -393,3 +396,4 @@ class MlflowTrialCallback(Callback):
         reason = (getattr(trial, "error_message", None) or "trial raised").strip().splitlines()
         self.tracker.log_batch(run_id, tags={"fail_reason": (reason[-1] if reason else "trial raised")[:500]})
         self.tracker.finish(run_id, "FAILED")
+

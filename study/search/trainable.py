@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -60,10 +61,12 @@ def _node_id() -> str:
 
 def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequence[str], study_dir: str,
                     threads: int = 1, run_trial: Callable | None = None, robustness: Any = None,
-                    dense: Any = None) -> None:
+                    dense: Any = None, checkpoint_every_s: float = 0.0) -> None:
     """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's.
     `robustness` (robust_settings.RobustnessSettings): the suite's search-budget metrics join the final ones.
-    `dense`: what to wait for while the dense model is being pretrained (study.search.dense.wait_for)."""
+    `dense`: what to wait for while the dense model is being pretrained (study.search.dense.wait_for).
+    `checkpoint_every_s`: an epoch's report carries a resume checkpoint when this many seconds have passed
+    since the previous one (or the trial's start); 0 = every epoch."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     from ray import tune
@@ -78,7 +81,8 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     if saved is not None:  # finished before the driver went away: report it again, do not retrain
         tune.report(saved)
         return
-    if dense is not None:  # the dense model is being pretrained: wait for it
+    if dense is not None:  # the dense model is being pretrained: wait for it (the pipeline imported meanwhile)
+        import study.trial.pipeline  # noqa: F401
         from study.search.dense import wait_for
 
         wait_for(dense)
@@ -93,11 +97,15 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
             if path.is_file():
                 resume_state = torch.load(path, map_location="cpu", weights_only=True)
     last_step = int(resume_state.get("step", 0)) if resume_state else 0
+    due = CheckpointClock(checkpoint_every_s)
 
     def on_epoch(report: Any) -> None:
         nonlocal last_step
         last_step = report.step
         metrics = {**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step}
+        if not due():
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as d:
             torch.save(report.state(), Path(d) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -116,6 +124,22 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     final = {**metrics, "final": 1, "step": last_step + 1, NODE_KEY: _node_id()}
     files.save_final(final)
     tune.report(final)
+
+
+class CheckpointClock:
+    """`due()`: whether this epoch's report takes a checkpoint (`every_s` seconds since the last one, or since
+    the clock was made; 0 = always). Calling it when due restarts the interval."""
+
+    def __init__(self, every_s: float, now: Callable[[], float] = time.monotonic):
+        self.every_s, self.now = float(every_s), now
+        self.last = now()
+
+    def __call__(self) -> bool:
+        t = self.now()
+        if self.every_s > 0 and t - self.last < self.every_s:
+            return False
+        self.last = t
+        return True
 
 
 class TrialFiles:
