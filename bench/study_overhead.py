@@ -6,7 +6,7 @@
 1. The study: `study.search.runner.run_study` of N trials with the space's own concurrency and CPUs per trial
    (the quickstart: 2 trials at a time, 1 CPU each), as `study run --fresh` calls it: Ray's start-up and
    shutdown included, without the front's test-split evaluation (study.confirm, study.baselines: work, not
-   machinery): the pretraining, Tune trials, Optuna asks/tells, MLflow runs, per-epoch checkpoints, the
+   machinery): the pretraining, Tune trials, Optuna asks/tells, MLflow runs, resume checkpoints, the
    Pareto front and the report.
 2. The plain script doing the same work: `study.trial.pipeline.pretrain` in this process, then `run_trial` for
    each config the study ran (read back from its Optuna storage, in trial order) on a pool of as many worker
@@ -329,7 +329,7 @@ def table(r: dict[str, Any], machine: common.Machine) -> common.Table:
             row("study returns -> Ray shut down", ph["shutdown"], 0.0)]
     detail = [
         ("mean trial in a Tune worker vs the plain script's", f"{pt['worker_trial']:.2f} vs {pt['plain_trial']:.2f}"),
-        ("of which per-epoch reports + checkpoints (in the worker)", f"{pt['report']:.2f}"),
+        ("of which per-epoch reports (+ checkpoints when due; in the worker)", f"{pt['report']:.2f}"),
         (f"first trial's start after the dense model, per worker ({pt['workers']} workers: Ray worker start, imports)",
          f"{pt['first']:.2f}"),
         ("gap between a worker's consecutive trials (Tune, Optuna ask/tell, MLflow runs)", f"{pt['gap']:.2f}"),
@@ -342,7 +342,8 @@ def table(r: dict[str, Any], machine: common.Machine) -> common.Table:
         f"`{r['space']}` with study.n_trials={r['n_trials']}" + "".join(f", {k}={v}" for k, v in over.items())
         + f" ({r['concurrency']} trials at a time, {r['cpus_per_trial']:g} CPU each), no final evaluation: the study = "
         "study.search.runner.run_study (pretraining: in a process forked from the driver on a one-machine CPU study, study.search.dense; "
-        "Tune + Optuna, MLflow sqlite tracking, per-epoch checkpoints, Pareto front + report), Ray's start-up and "
+        "Tune + Optuna, MLflow sqlite tracking, resume checkpoints by time (study.checkpoint_every_s: 60 s, so none in "
+        "these trials), Pareto front + report), Ray's start-up and "
         "shutdown included; the plain script = study.trial.pipeline.pretrain "
         f"in one process while a pool of {r['concurrency']} worker processes starts (spawn + imports: ready after "
         f"{r.get('pool_ready_s', 0):.1f} s), then run_trial per trial config on the pool, same torch threads.",

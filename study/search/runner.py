@@ -44,12 +44,12 @@ import yaml
 
 from study.errors import ConfigError
 from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
-from study.search import console, front
+from study.search import console, front, startup
 from study.search.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, Manifest, StudyPaths, sqlite_file,
                                  study_paths)
 from study.search.optuna_search import (counts, define_by_run, fail_running, finished_count, link_mlflow_run,
                                         load_optuna_study, open_storage, refuse_existing, searcher_class)
-from study.search.ray_cluster import resolve_gpus, start_ray
+from study.search.ray_cluster import resolve_gpus
 from study.search.samplers import make_sampler
 from study.search.space import SearchSpace, load_space
 from study.search.trainable import build_config, pretrain_task, study_trainable
@@ -89,16 +89,6 @@ class Outcome:
     parent_run_id: str
 
 
-def fixed_config(space: SearchSpace, paths: StudyPaths) -> dict[str, str]:
-    """The trial config keys a study fixes: its name, the dense-model cache (the study's pretrained/ unless
-    the space names one) and the trials' output folder."""
-    cache = space.base_config().cache_dir
-    own_cache = paths.location("pretrained") if paths.remote else str(paths.pretrained)
-    return {"name": space.study.name,
-            "cache_dir": str(Path(cache).resolve()) if "cache_dir" in space.trial else own_cache,
-            "output_dir": paths.location("trials")}
-
-
 class Study:
     """Everything one study needs, built from its search space and its manifest."""
 
@@ -112,7 +102,7 @@ class Study:
         self.wipe_runs = False  # --fresh: delete the name's earlier MLflow runs (done while the dense model trains)
         self.pretraining_failed = False  # then no trial trained: a new study is removed again (_undo_creation)
         self.within_points = 1.0  # the report recommends the smallest model within this many accuracy points of dense
-        self.fixed = fixed_config(space, paths)
+        self.fixed = startup.fixed_config(space, paths)
 
     # --- pieces ----------------------------------------------------------------------------------
 
@@ -416,20 +406,18 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
     if not fresh and (_has_manifest(paths) or paths.experiment_exists()):
         raise ConfigError("study.name", f"a study named {name!r} already exists in {paths.location()}; "
                           f"continue it with `study resume {name}`, or start over with --fresh", space.path)
-    _check(space, url, uri, address, num_cpus)
+    startup.check(space, url, uri, address, num_cpus)
     if not fresh and (url != paths.default_storage or sqlite_file(url).exists()):
         refuse_existing(url, name, space.path)
-    dense = _early_pretraining(space, paths, pretrain, address, num_cpus, uri)
+    early = startup.EarlyStart(space, paths, pretrain, address, num_cpus, uri)
     try:
-        _start_ray(space, address, num_cpus)
+        startup.start_ray_checked(space, address, num_cpus)
         existed = paths.store.exists() if paths.remote else paths.root.exists()
         lock.acquire()
     except BaseException:
-        _cancel_early(dense, uri)
+        early.cancel()
         raise
-    from study.search import warmup
-
-    warmup.open_mlflow(uri)  # checked: the MLflow store may be created now
+    early.checked()  # the MLflow store may be created now
     try:
         if fresh:
             wipe_study(paths, url, uri, runs=False)  # the MLflow runs: in execute, while the dense model trains
@@ -439,7 +427,7 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.space.write_text(header + yaml.safe_dump(space.raw, sort_keys=False))
         paths.push("space.yaml")
-        study = Study(space, paths, manifest, run_trial, pretrain, final_eval, dense)
+        study = Study(space, paths, manifest, run_trial, pretrain, final_eval, early.dense)
         study.wipe_runs = fresh
         study.save_manifest()
         try:
@@ -448,7 +436,7 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
             _undo_creation(paths, url, uri, existed, before_trials=study.pretraining_failed)
             raise
     finally:
-        _cancel_early(dense, uri)  # stops a pretraining still running after an error or Ctrl-C
+        early.cancel()  # stops a pretraining still running after an error or Ctrl-C
         lock.release()
 
 
@@ -456,53 +444,6 @@ def _has_manifest(paths: StudyPaths) -> bool:
     return paths.store.is_file("study.json") if paths.remote else paths.manifest.exists()
 
 
-
-
-def _check(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:
-    """Checks before anything is created or started (one line each, study.search.preflight)."""
-    from study.search import preflight
-
-    preflight.check_num_cpus(num_cpus)
-    preflight.check_address(address)
-    preflight.check_storage(storage)
-    preflight.check_tracking(tracking_uri)
-    preflight.check_data(space)
-
-
-def _start_ray(space: SearchSpace, address: str | None, num_cpus: int | None) -> None:
-    """Ray (joined or started), and a trial's resources checked against it."""
-    from study.search import preflight
-
-    start_ray(address, num_cpus)
-    s = space.study
-    preflight.check_resources(s.cpus_per_trial, resolve_gpus(s.gpus_per_trial),
-                              joined=bool(address or os.environ.get("RAY_ADDRESS")))
-
-
-def _cancel_early(dense: Any, tracking_uri: str) -> None:
-    """Stop what _early_pretraining started and is still running (a no-op for what has ended)."""
-    from study.search import warmup
-
-    if dense is not None:
-        dense.cancel()
-    warmup.cancel_mlflow(tracking_uri)
-
-
-def _early_pretraining(space: SearchSpace, paths: StudyPaths, pretrain: Callable | None, address: str | None,
-                       num_cpus: int | None, tracking_uri: str) -> Any:
-    """A one-machine CPU study pretrains its dense model from here on, in a forked process, while Ray starts
-    (study.search.dense); then MLflow's import and store open in a thread (study.search.warmup),
-    forked after the pretraining so that the fork copies no half-done import. None: pretraining starts in
-    Study.execute (a cluster, GPUs)."""
-    from study.search import dense, warmup
-
-    s = space.study
-    local = (num_cpus is None or num_cpus >= s.cpus_per_trial) and dense.local_cpu_study(address, s.gpus_per_trial,
-                                                                                          s.cpus_per_trial)
-    early = (dense.Pretraining(space.trial_config({}, fixed_config(space, paths)), s.cpus_per_trial, 0.0, pretrain,
-                               pretrain_task, local=True) if local else None)
-    warmup.start_mlflow(tracking_uri)
-    return early
 
 
 def _undo_creation(paths: StudyPaths, storage_url: str, tracking_uri: str, existed: bool,
@@ -538,17 +479,15 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
     paths.check_storage_here(manifest.storage)
     lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()
-    _check(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
-    dense = _early_pretraining(space, paths, pretrain, address, num_cpus, manifest.tracking_uri)
+    startup.check(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
+    early = startup.EarlyStart(space, paths, pretrain, address, num_cpus, manifest.tracking_uri)
     try:
-        _start_ray(space, address, num_cpus)
+        startup.start_ray_checked(space, address, num_cpus)
         with lock.acquire():
-            from study.search import warmup
-
-            warmup.open_mlflow(manifest.tracking_uri)
-            return Study(space, paths, manifest, run_trial, pretrain, final_eval, dense).execute(resume=True)
+            early.checked()
+            return Study(space, paths, manifest, run_trial, pretrain, final_eval, early.dense).execute(resume=True)
     finally:
-        _cancel_early(dense, manifest.tracking_uri)
+        early.cancel()
 
 
 def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: float = 1.0) -> Outcome:
@@ -603,8 +542,10 @@ def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str, runs: boo
     import optuna
 
     name = paths.name
+    new_file = storage_url.startswith("sqlite:///") and not sqlite_file(storage_url).exists()
     try:
-        optuna.delete_study(study_name=name, storage=open_storage(storage_url))
+        if not new_file:  # opening a sqlite file that is not there creates it (1 s of schema) to find nothing
+            optuna.delete_study(study_name=name, storage=open_storage(storage_url))
     except KeyError:
         pass
     if runs:

@@ -1,0 +1,81 @@
+"""What `study run` and `study resume` do before their Study exists: the checks that need no Ray, then
+(for a one-machine CPU study) the dense model's pretraining in a process forked from the driver and MLflow's
+import in a thread (study.search.dense, study.search.warmup), then Ray, started or joined, and the checks
+that need it. Ray's start-up (3-5 s on a 2-core CPU) thus overlaps the pretraining instead of preceding it.
+
+Nothing is created before every check has passed: the pretraining writes the cache only when it ends (a
+refused command cancels it first) and the MLflow store opens only after `EarlyStart.checked()`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from study.search.layout import StudyPaths
+from study.search.ray_cluster import resolve_gpus, start_ray
+from study.search.space import SearchSpace
+
+
+def fixed_config(space: SearchSpace, paths: StudyPaths) -> dict[str, str]:
+    """The trial config keys a study fixes: its name, the dense-model cache (the study's pretrained/ unless
+    the space names one) and the trials' output folder."""
+    cache = space.base_config().cache_dir
+    own_cache = paths.location("pretrained") if paths.remote else str(paths.pretrained)
+    return {"name": space.study.name,
+            "cache_dir": str(Path(cache).resolve()) if "cache_dir" in space.trial else own_cache,
+            "output_dir": paths.location("trials")}
+
+
+def check(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:
+    """Checks before anything is created or started (one line each, study.search.preflight)."""
+    from study.search import preflight
+
+    preflight.check_num_cpus(num_cpus)
+    preflight.check_address(address)
+    preflight.check_storage(storage)
+    preflight.check_tracking(tracking_uri)
+    preflight.check_data(space)
+
+
+def start_ray_checked(space: SearchSpace, address: str | None, num_cpus: int | None) -> None:
+    """Ray (joined or started), and a trial's resources checked against it."""
+    from study.search import preflight
+
+    start_ray(address, num_cpus)
+    s = space.study
+    preflight.check_resources(s.cpus_per_trial, resolve_gpus(s.gpus_per_trial),
+                              joined=bool(address or os.environ.get("RAY_ADDRESS")))
+
+
+class EarlyStart:
+    """Started before Ray: the pretraining of a one-machine CPU study (`dense`, a dense.Pretraining; None
+    elsewhere: Study.execute starts it on Ray) and MLflow's import. The fork comes first, so that it copies
+    no import another thread has half done."""
+
+    def __init__(self, space: SearchSpace, paths: StudyPaths, pretrain: Callable | None, address: str | None,
+                 num_cpus: int | None, tracking_uri: str):
+        from study.search import dense, warmup
+        from study.search.trainable import pretrain_task
+
+        s = space.study
+        local = (num_cpus is None or num_cpus >= s.cpus_per_trial) and dense.local_cpu_study(
+            address, s.gpus_per_trial, s.cpus_per_trial)
+        self.dense: Any = (dense.Pretraining(space.trial_config({}, fixed_config(space, paths)), s.cpus_per_trial, 0.0,
+                                             pretrain, pretrain_task, local=True) if local else None)
+        self.tracking_uri = tracking_uri
+        warmup.start_mlflow(tracking_uri)
+
+    def checked(self) -> None:
+        """Every check passed: the MLflow warm-up may open (create) its store."""
+        from study.search import warmup
+
+        warmup.open_mlflow(self.tracking_uri)
+
+    def cancel(self) -> None:
+        """Stop what is still running (a no-op for what has ended): after a refusal, an error or Ctrl-C."""
+        from study.search import warmup
+
+        if self.dense is not None:
+            self.dense.cancel()
+        warmup.cancel_mlflow(self.tracking_uri)
