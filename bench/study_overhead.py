@@ -72,7 +72,7 @@ def timed_trial(cfg, *, on_epoch=None, resume_state=None, log: str):
 
 
 def timed_pretrain(cfg, *, log: str):
-    """The pipeline's pretrain where the study runs it (driver thread or Ray task), its end appended to `log`."""
+    """The pipeline's pretrain where the study runs it (a process forked from the driver, or a Ray task), its end appended to `log`."""
     from study.trial.pipeline import pretrain
 
     start = time.time()

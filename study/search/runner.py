@@ -166,9 +166,10 @@ class Study:
         return build_config(self.space.trial, self.fixed, config)
 
     def start_pretraining(self, cpus: float, gpus: float) -> Any:
-        """The dense model, once per study (study.search.dense): from the cache, or pretrained (in a driver
-        thread on a one-machine CPU study, else a Ray task on a trial's resources) while the driver sets up
-        and the trials' workers start; `threads` = the trial's CPUs.
+        """The dense model, once per study (study.search.dense): the one a one-machine CPU study started before
+        Ray (study.search.startup.EarlyStart, in a process forked from the driver), else from the cache or a Ray
+        task on a trial's resources, while the driver sets up and the trials' workers start; `threads` = the
+        trial's CPUs.
 
         (Not more threads on a CPU machine: small convolutions gain little from them, and torch's
         spinning threads slow down ten-fold when the cores are shared.)"""
