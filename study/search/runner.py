@@ -57,16 +57,6 @@ from study.search.trainable import build_config, pretrain_task, study_trainable
 log = logging.getLogger("study.search")
 
 
-def snapshot_period_s(checkpoint_every_s: float) -> float:
-    """Seconds between Tune's experiment snapshots (TUNE_GLOBAL_CHECKPOINT_S). Tune keeps two checkpoints per
-    trial (CheckpointConfig(num_to_keep=2)) and deletes the older one when a third registers; a snapshot taken
-    between any two consecutive checkpoints of a trial always names a kept one, even for a driver killed just
-    then. Checkpoints come at least checkpoint_every_s apart, so half of that (at most 10 s) is safe; with a
-    checkpoint every epoch, every controller step snapshots (0): a killed driver once restored a snapshot
-    that named a deleted checkpoint ("does not exist on storage")."""
-    return 0.0 if checkpoint_every_s <= 0 else min(10.0, checkpoint_every_s / 2)
-
-
 def _trial_name(trial: Any) -> str:
     return f"trial_{int(trial.config.get(NUMBER_KEY, 0)):04d}"
 
@@ -271,7 +261,10 @@ class Study:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         # Frequent checkpoints are the point (resume); Tune's warning about frequent snapshots is noise.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(snapshot_period_s(self.space.study.checkpoint_every_s))
+        # Snapshot the experiment at every controller step: a snapshot throttled to 10 s let a driver killed
+        # right after a trial completed restore a searcher that did not know that trial, and the resume
+        # asked Optuna for one trial too many (seen in the 2-node object-store test).
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
         # Tune's TensorBoard logger (an import and an event file per result); its JSON and CSV loggers stay
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         trainable = self.trainable(cpus, gpus, dense)
