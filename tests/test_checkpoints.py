@@ -1,7 +1,7 @@
-"""Resume checkpoints by time (study.checkpoint_every_s) and Tune's experiment snapshots paced by them:
+"""Resume checkpoints by time (study.checkpoint_every_s):
 a trial checkpoints at the first epoch end `checkpoint_every_s` after its previous checkpoint (0 = every
-epoch); Tune snapshots its experiment at most half that far apart, so a snapshot always names a checkpoint
-Tune still keeps; Tune's TensorBoard logger is off, its JSON and CSV loggers stay."""
+epoch); Tune still snapshots its experiment at every controller step (a throttled snapshot lost a trial on resume);
+Tune's TensorBoard logger is off, its JSON and CSV loggers stay."""
 from __future__ import annotations
 
 import sys
