@@ -3,16 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# pip constraints: the versions CI passed with (empty = the newest the ranges in pyproject.toml allow)
+CONSTRAINTS ?= constraints.txt
 
 .PHONY: venv quickstart test test-fast bench clean fashion-data experiment-methods experiment-search \
         experiment-methods-quick experiment-search-quick
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
 	# torchattacks pins requests~=2.25 and an old robustbench; its real needs (torch, numpy, scipy) are already here.
 	$(BIN)/pip install --quiet --no-deps 'torchattacks==3.5.1'
 	touch $(STAMP)

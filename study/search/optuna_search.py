@@ -1,9 +1,11 @@
 """Optuna's side of a study: the storage, the study, and `StudySearch`, the Tune searcher.
 
 `StudySearch` is Ray Tune's OptunaSearch made safe for resume: it never leaves an Optuna trial RUNNING
-(every Tune trial ends COMPLETE with finite objectives or FAIL with a `fail_reason`), and an Optuna trial
+(every Tune trial ends COMPLETE with finite objectives or FAIL with a `fail_reason`), an Optuna trial
 asked after Tune's last experiment checkpoint (the driver died in between) is adopted by the next trial
-Tune creates instead of a new one being asked. It is built on first use (importing Ray Tune costs
+Tune creates instead of a new one being asked, and once the Optuna study holds n_trials trials it asks no
+more (a trial created and finished after that checkpoint is unknown to the restored Tune, which would
+otherwise create one more). It is built on first use (importing Ray Tune costs
 seconds) and pickled by reference as study.search.optuna_search.StudySearch.
 """
 from __future__ import annotations
@@ -108,20 +110,42 @@ def define_by_run(space: SearchSpace, trial: Any) -> dict[str, Any]:
 def searcher_class() -> type:
     """StudySearch, built on first use (importing Ray Tune costs seconds; `study trial` needs none of it)."""
     from optuna.trial import Trial, TrialState
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     from study.search.tracking import numeric_metrics
 
-    class StudySearch(OptunaSearch):
-        """OptunaSearch that never leaves a trial RUNNING and adopts orphans on resume."""
+    _ASKED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
-        def suggest(self, trial_id: str) -> dict | None:
+    class StudySearch(OptunaSearch):
+        """OptunaSearch that never leaves a trial RUNNING, adopts orphans on resume and never asks Optuna for
+        more than `n_trials` trials."""
+
+        def __init__(self, *args: Any, n_trials: int | None = None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.n_trials = n_trials
+
+        def suggest(self, trial_id: str) -> dict | str | None:
             if self._ot_study is not None and trial_id not in self._ot_trials:
                 orphan = self._orphan()
                 if orphan is not None:
                     log.warning("resuming Optuna trial %d (asked before the driver stopped, never run)", orphan.number)
                     self._ot_trials[trial_id] = Trial(self._ot_study, orphan._trial_id)
+                elif self._all_asked():
+                    return Searcher.FINISHED
             return super().suggest(trial_id)
+
+        def _all_asked(self) -> bool:
+            """The study holds its n_trials Optuna trials already. Tune restored from a snapshot older than the
+            driver's death counts fewer: a trial that was created and finished after the snapshot is COMPLETE
+            in Optuna and unknown to Tune, which would create one trial too many."""
+            n = self.__dict__.get("n_trials")  # None in a searcher pickled before the cap existed
+            if n is None:
+                return False
+            asked = len(self._ot_study.get_trials(deepcopy=False, states=_ASKED))
+            if asked >= n:
+                log.info("the study holds its %d Optuna trials: no new trial is asked", n)
+            return asked >= n
 
         def _orphan(self) -> Any:
             claimed = {t.number for t in self._ot_trials.values()}

@@ -22,7 +22,8 @@ No lost and no duplicated trials across a resume:
   experiment checkpoint; unfinished Tune trials continue from their last epoch checkpoint.
 - An Optuna trial asked after the last experiment checkpoint (the driver died in between) is left
   RUNNING with no Tune trial: `StudySearch` adopts such orphans for the next trials Tune creates
-  instead of asking new ones, so the study holds exactly n_trials trials.
+  instead of asking new ones, so the study holds exactly n_trials trials; and once it holds them StudySearch
+  asks no more (a trial created and finished after the snapshot is unknown to the restored Tune).
 - A trial that finished after the last checkpoint is rerun by Tune, finds its final.json and
   reports it again; Optuna ignores a second tell, MLflow reuses the run keyed by Optuna number.
 - Every trial ends COMPLETE with finite objectives or FAIL; a trial still RUNNING when the search
@@ -125,7 +126,7 @@ class Study:
         s = self.space.study
         return searcher_class()(space=functools.partial(define_by_run, self.space), metric=s.metrics,
                                  mode=s.modes, sampler=make_sampler(self.space), study_name=s.name,
-                                 storage=open_storage(self.manifest.storage))
+                                 storage=open_storage(self.manifest.storage), n_trials=s.n_trials)
 
     def callback(self, tracker: Any) -> Any:
         from study.search.tracking import MlflowTrialCallback
@@ -261,10 +262,12 @@ class Study:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         # Frequent checkpoints are the point (resume); Tune's warning about frequent snapshots is noise.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        # Snapshot the experiment at every controller step: a snapshot throttled to 10 s let a driver killed
-        # right after a trial completed restore a searcher that did not know that trial, and the resume
-        # asked Optuna for one trial too many (seen in the 2-node object-store test).
-        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
+        # The experiment snapshot (trials + searcher), at most every 10 s: each costs the driver CPU that the
+        # trials share on a small machine. What a lagging snapshot misses is recovered: a trial created after it
+        # is adopted or, once finished, counted by StudySearch (no trial too many); a trial finished after it
+        # reports its final.json again; Tune itself snapshots before deleting a checkpoint the last one names
+        # (num_to_keep). Checkpoints every epoch (checkpoint_every_s 0) snapshot at every step, as asked.
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0" if self.space.study.checkpoint_every_s == 0 else "10"
         # Tune's TensorBoard logger (an import and an event file per result); its JSON and CSV loggers stay
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         trainable = self.trainable(cpus, gpus, dense)
@@ -308,6 +311,7 @@ class Study:
         if not hasattr(search_alg, "repoint"):  # a searcher of an unknown kind: never resume against its storage
             search_alg = self.searcher()
         search_alg.repoint(self.manifest.storage)
+        search_alg.n_trials = self.space.study.n_trials  # a searcher pickled before the cap had none
         limited = ConcurrencyLimiter(search_alg, max_concurrent=self.space.study.max_concurrent)
         config.search_alg = relocated_class()(limited, self.paths.tune_storage, self.space.study.name)
         config.max_concurrent_trials = None  # the limiter is inside
