@@ -84,3 +84,55 @@ def test_the_report_imports_start_once_no_trial_is_left_to_start(monkeypatch):
         if t.name == "report-imports":
             t.join()
     assert cb.started and started == ["report-imports"]
+
+
+def test_the_parent_run_opens_in_a_thread_and_the_caller_gets_its_id_or_its_error():
+    import pickle
+
+    import pytest
+
+    go = threading.Event()
+
+    def slow_open():
+        go.wait(10)
+        return "run-1"
+
+    parent = warmup.ParentRun(slow_open)
+    assert pickle.loads(pickle.dumps(parent))._result == {}  # pickled while opening: unknown, no wait
+    with pytest.raises(RuntimeError, match="unknown"):
+        pickle.loads(pickle.dumps(parent))()
+    go.set()
+    assert parent() == "run-1"
+    assert pickle.loads(pickle.dumps(parent))() == "run-1"
+
+    def broken_open():
+        raise OSError("database is locked")
+
+    failed = warmup.ParentRun(broken_open)
+    failed.join()  # waits and raises nothing
+    with pytest.raises(OSError, match="locked"):
+        failed()
+
+
+def test_the_mlflow_callback_waits_for_the_parent_run_before_its_first_trial_run(tmp_path):
+    from types import SimpleNamespace
+
+    from study.keys import NUMBER_KEY
+    from study.search.tracking import MlflowTrialCallback, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", artifact_root=str(tmp_path / "art"))
+    opened = []
+
+    def open_parent():
+        time.sleep(0.5)
+        run_id = tracker.create_run("quickstart", {"role": "study"})
+        opened.append(run_id)
+        return run_id
+
+    callback = MlflowTrialCallback(tracker, "quickstart", warmup.ParentRun(open_parent), str(tmp_path / "space.yaml"),
+                                   trial_config=lambda config: SimpleNamespace(flat=lambda: {}, to_dict=lambda: {}))
+    (tmp_path / "space.yaml").write_text("study: {}\n")
+    trial = SimpleNamespace(trial_id="t0", config={NUMBER_KEY: 0}, last_result={})
+    callback.on_trial_start(0, [trial], trial)  # waits for the parent run, then nests the trial's run under it
+    run = tracker.client.get_run(callback._runs["t0"])
+    assert opened and run.data.tags["mlflow.parentRunId"] == opened[0]

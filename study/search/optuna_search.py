@@ -166,8 +166,15 @@ def searcher_class() -> type:
                 self._ot_trials = {k: Trial(self._ot_study, t._trial_id) for k, t in self._ot_trials.items()}
 
         def restore(self, checkpoint_path: str) -> None:
+            from study.search.samplers import restored
+
             pinned = self.__dict__.get("_pinned_url")
             super().restore(checkpoint_path)
+            if self._ot_study is not None:  # the study's sampler is the searcher's (one object, pickled once)
+                shared = self._sampler is self._ot_study.sampler
+                self._ot_study.sampler = restored(self._ot_study.sampler)
+                if shared:
+                    self._sampler = self._ot_study.sampler
             if pinned:
                 self.repoint(pinned)
 

@@ -97,7 +97,8 @@ class Study:
 
     # --- pieces ----------------------------------------------------------------------------------
 
-    def tracker(self) -> Any:
+    def tracker(self, relocate: bool = True) -> Any:
+        """The study's MLflow tracker; `relocate=False` leaves `relocate_artifacts()` to the caller."""
         from study.search.tracking import Tracker
 
         uri = self.manifest.tracking_uri
@@ -105,12 +106,37 @@ class Study:
         if self.paths.remote:  # a local MLflow store keeps the artifacts in the bucket, beside the study
             return Tracker(uri, name, artifact_root=f"{self.paths.runs}/mlartifacts/{name}" if uri.startswith("sqlite:")
                            else None)
-        root = str(Path(self.manifest.runs_dir) / "mlartifacts" / name) if uri.startswith("sqlite:") else None
+        if relocate:
+            self.relocate_artifacts()
+        return Tracker(uri, name, artifact_root=self._artifact_root())
+
+    def _artifact_root(self) -> str | None:
+        if self.paths.remote or not self.manifest.tracking_uri.startswith("sqlite:"):
+            return None
+        return str(Path(self.manifest.runs_dir) / "mlartifacts" / self.space.study.name)
+
+    def relocate_artifacts(self) -> None:
+        """A local MLflow store copied or moved with the study: its artifact locations to this folder."""
+        root = self._artifact_root()
         if root is not None:
             from study.search.tracking import relocate_artifacts
 
-            relocate_artifacts(uri, self.space.study.name, Path(root))
-        return Tracker(uri, self.space.study.name, artifact_root=root)
+            relocate_artifacts(self.manifest.tracking_uri, self.space.study.name, Path(root))
+
+    def open_parent_run(self, tracker: Any) -> str:
+        """The study's MLflow parent run, opened (and --fresh's old runs of the name deleted first); saved
+        in the manifest."""
+        from study.search.tracking import open_parent_run
+
+        s = self.space.study
+        self.relocate_artifacts()
+        if self.wipe_runs:
+            tracker.delete_study_runs(s.name)
+        params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
+        self.manifest.parent_run_id = open_parent_run(tracker, s.name, self.manifest.parent_run_id, params,
+                                                      self.paths.space)
+        self.save_manifest()
+        return self.manifest.parent_run_id
 
     def trainable(self, cpus: float, gpus: float, dense: Any = None) -> Any:
         from ray import tune
@@ -128,21 +154,26 @@ class Study:
                                  mode=s.modes, sampler=make_sampler(self.space), study_name=s.name,
                                  storage=open_storage(self.manifest.storage), n_trials=s.n_trials)
 
-    def callback(self, tracker: Any) -> Any:
+    def callback(self, tracker: Any, parent: Any = None) -> Any:
+        """The MLflow callback; `parent`: what returns the parent run's id once it is open (default: the
+        manifest's)."""
         from study.search.tracking import MlflowTrialCallback
 
-        return MlflowTrialCallback(tracker, self.space.study.name, self.manifest.parent_run_id, str(self.paths.space),
+        return MlflowTrialCallback(tracker, self.space.study.name, parent or self.manifest.parent_run_id,
+                                   str(self.paths.space),
                                    trial_config=functools.partial(build_config, self.space.trial, self.fixed),
                                    link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name),
                                    trial_dir=self.paths.pull_trial)
 
-    def callbacks(self, tracker: Any) -> list[Any]:
-        """Tune's JSON and CSV result loggers (what `tune` and ExperimentAnalysis read) and the MLflow callback."""
+    def callbacks(self, tracker: Any, parent: Any = None) -> list[Any]:
+        """Tune's JSON and CSV result loggers (what `tune` and ExperimentAnalysis read), the MLflow callback
+        and ReportPreload (study.search.warmup)."""
         from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
         from study.search.warmup import ReportPreload
 
-        return [JsonLoggerCallback(), CSVLoggerCallback(), self.callback(tracker), ReportPreload(self.space.study.n_trials)]
+        return [JsonLoggerCallback(), CSVLoggerCallback(), self.callback(tracker, parent),
+                ReportPreload(self.space.study.n_trials)]
 
     def save_manifest(self) -> None:
         self.manifest.save(self.paths.manifest)
@@ -183,29 +214,17 @@ class Study:
         t0 = time.monotonic()
         search = remaining > 0 or (resume and tune.Tuner.can_restore(self.paths.experiment_location))
         dense = self.start_pretraining(cpus, gpus) if search else None  # runs while the driver sets up
-        tracker = self.tracker()
-        if self.wipe_runs:
-            tracker.delete_study_runs(s.name)
-        from study.search.tracking import open_parent_run
+        tracker = self.tracker(relocate=False)
+        from study.search.warmup import ParentRun
 
-        params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
-        self.manifest.parent_run_id = open_parent_run(tracker, s.name, self.manifest.parent_run_id, params,
-                                                      self.paths.space)
-        self.save_manifest()
-        if dense is not None:
-            tuner = self._tuner(resume, remaining, cpus, gpus, tracker, dense)
-            tuner.fit()
-            from study.search.warmup import wait_report
-
-            wait_report()  # the report's imports, started when the last trials ran (study.search.warmup)
-            if not dense.poll():  # the search ended before the dense model (Ctrl-C, time budget): no trial ran
-                dense.cancel()
-            else:
-                try:
-                    dense.check()  # a failed pretraining stopped the search: its own error
-                except BaseException:
-                    self.pretraining_failed = True
-                    raise
+        parent = ParentRun(functools.partial(self.open_parent_run, tracker))  # while Tune starts the workers
+        try:
+            if dense is not None:
+                self._search(resume, remaining, cpus, gpus, tracker, dense, parent)
+        except BaseException:
+            parent.join()  # nothing writes to MLflow while the error unwinds (a new study is removed)
+            raise
+        parent()  # its error, if it failed and no trial started to raise it
         elapsed = time.monotonic() - t0
         done = finished_count(optuna_study)
         budget_spent = s.time_budget_s > 0 and elapsed >= s.time_budget_s
@@ -226,6 +245,21 @@ class Study:
 
                 run_baselines(self, optuna_study, tracker, cpus, gpus)
         return self.finish(optuna_study, tracker)
+
+    def _search(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any,
+                parent: Any) -> None:
+        from study.search.warmup import wait_report
+
+        self._tuner(resume, remaining, cpus, gpus, tracker, dense, parent).fit()
+        wait_report()  # the report's imports, started when the last trials ran (study.search.warmup)
+        if not dense.poll():  # the search ended before the dense model (Ctrl-C, time budget): no trial ran
+            dense.cancel()
+            return
+        try:
+            dense.check()  # a failed pretraining stopped the search: its own error
+        except BaseException:
+            self.pretraining_failed = True
+            raise
 
     def final_evaluation(self, optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:
         """The front's test-split evaluation (study.search.front). Returns the trials evaluated."""
@@ -254,7 +288,8 @@ class Study:
     def _custom_runs_dir(self) -> bool:
         return self.paths.remote or Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
 
-    def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any) -> Any:
+    def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any,
+               parent: Any) -> Any:
         from ray import tune
 
         # Epoch reports carry no objective on purpose (a partial value must never reach Optuna as final);
@@ -275,7 +310,7 @@ class Study:
             print(f"[study] restoring the Tune experiment {self.paths.experiment_location}", flush=True)
             tuner = tune.Tuner.restore(self.paths.experiment_location, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
-            self._repoint(tuner, tracker)
+            self._repoint(tuner, tracker, parent)
             tuner._local_tuner._run_config.stop = dense.guard()
             return tuner
         if self.paths.experiment_exists():  # a Tune folder that cannot be restored (died while starting)
@@ -292,10 +327,10 @@ class Study:
                 name=s.name, storage_path=self.paths.tune_storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=self.callbacks(tracker), stop=dense.guard()),
+                callbacks=self.callbacks(tracker, parent), stop=dense.guard()),
         )
 
-    def _repoint(self, tuner: Any, tracker: Any) -> None:
+    def _repoint(self, tuner: Any, tracker: Any, parent: Any) -> None:
         """Tune pickled the searcher (with its Optuna storage) and the MLflow callback (with its tracking
         URI) at the study's first location: point both at this folder's manifest, so a copied or moved
         study writes only into itself."""
@@ -315,7 +350,7 @@ class Study:
         limited = ConcurrencyLimiter(search_alg, max_concurrent=self.space.study.max_concurrent)
         config.search_alg = relocated_class()(limited, self.paths.tune_storage, self.space.study.name)
         config.max_concurrent_trials = None  # the limiter is inside
-        internal._run_config.callbacks = self.callbacks(tracker)
+        internal._run_config.callbacks = self.callbacks(tracker, parent)
 
     def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:
         from analysis import pareto

@@ -82,6 +82,18 @@ def picklable(cls: type) -> type:
     return sub
 
 
+def restored(sampler: Any) -> Any:
+    """A sampler unpickled from an older snapshot, made current: picklable (`picklable`), and given the
+    attributes the installed Optuna's class sets that its state lacks (Optuna 4's NSGA-II had no lock)."""
+    cls = picklable(type(sampler))
+    try:
+        fresh = cls()
+    except Exception:  # noqa: BLE001 - a sampler that needs arguments: left as it is
+        return sampler
+    fresh.__dict__.update(vars(sampler))  # its state, over the defaults of what it lacks
+    return fresh
+
+
 def __getattr__(name: str) -> Any:  # Picklable<Name>, found again by pickle in a new process
     if name.startswith("Picklable"):
         import optuna

@@ -319,11 +319,12 @@ class MlflowTrialCallback(Callback):
     pickled with the Tuner and restored on resume).
     """
 
-    def __init__(self, tracker: Tracker, study: str, parent_run_id: str, space_file: str,
+    def __init__(self, tracker: Tracker, study: str, parent_run_id: str | Callable[[], str], space_file: str,
                  trial_config: Callable[[Mapping[str, Any]], Any],
                  link: Callable[[int, str], None] | None = None,
                  trial_dir: Callable[[int], Path] | None = None):
-        self.tracker, self.study, self.parent_run_id = tracker, study, parent_run_id
+        # parent_run_id: the id, or what returns it once the run is open (study.search.warmup.ParentRun)
+        self.tracker, self.study, self._parent = tracker, study, parent_run_id
         self.space_file, self.trial_config, self.link = space_file, trial_config, link
         self.trial_dir = trial_dir  # Optuna trial number -> the folder with the trial's model.pt/result.json
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
@@ -331,6 +332,12 @@ class MlflowTrialCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_runs": {}, "_steps": {}}
+
+    @property
+    def parent_run_id(self) -> str:
+        if callable(self._parent):
+            self._parent = self._parent()
+        return self._parent
 
     def get_state(self) -> dict | None:
         return None  # everything is found again by tag

@@ -6,6 +6,9 @@
   says the command's checks passed; `Tracker.client` calls `wait_mlflow(uri)` before it opens the store
   itself, so two threads never create one sqlite schema at once. A warm-up that fails is
   silent: the real call raises the same error where it is handled.
+- The study's MLflow parent run: `ParentRun` runs what opens it (--fresh's deletion of the name's old runs,
+  the experiment's description, the run itself: 1-3 s of sqlite and Python) in a thread while Tune starts
+  the trials' workers; the MLflow callback calls it, and so waits for it, when the first trial starts.
 - The report: `ReportPreload`, a Tune callback, imports what the report draws with (analysis.plots.preload)
   once a trial ends and no trial is left to start, when a core is idle rather than taken from a trial; the
   driver joins it (`wait_report`) as soon as the search ends.
@@ -17,7 +20,7 @@ starts, and joins the report thread before it imports anything more.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -31,8 +34,10 @@ SHARED_IMPORTS = ("sqlalchemy", "sqlalchemy.orm", "alembic", "alembic.migration"
 
 def _open(uri: str, go: threading.Event, state: dict) -> None:
     try:
-        from mlflow.tracking import MlflowClient
-
+        try:
+            from mlflow.tracking import MlflowClient
+        finally:
+            state["imported"].set()
         go.wait()
         if not state.get("cancelled"):
             MlflowClient(tracking_uri=uri)._tracking_client.store  # noqa: B018 - cached per URI by MLflow
@@ -49,7 +54,7 @@ def start_mlflow(uri: str) -> None:
 
     for name in SHARED_IMPORTS:
         importlib.import_module(name)
-    go, state = threading.Event(), {}
+    go, state = threading.Event(), {"imported": threading.Event()}
     thread = threading.Thread(target=_open, args=(uri, go, state), name="mlflow-warm-up", daemon=True)
     _threads[uri] = (thread, go, state)
     thread.start()
@@ -73,6 +78,13 @@ def wait_mlflow(uri: str) -> None:
     if entry is not None:
         entry[1].set()
         entry[0].join()
+
+
+def import_mlflow() -> None:
+    """mlflow imported, by the warm-up thread (waited for) or here: before a second thread may use it."""
+    for _, _, state in list(_threads.values()):
+        state["imported"].wait()
+    import mlflow.tracking  # noqa: F401
 
 
 def wait_report() -> None:
@@ -107,3 +119,40 @@ class ReportPreload(Callback):
 
     def __reduce__(self):  # Tune pickles its callbacks with the experiment; a resumed study makes a new one
         return (ReportPreload, (self.n_trials,))
+
+
+class ParentRun:
+    """`open()`, the study's MLflow parent run id, computed in a thread from now on (mlflow imported first, in
+    the caller's thread or by the warm-up); calling this waits for it and raises what `open` raised. Pickled (Tune pickles its callbacks with the Tuner) as the id if it is
+    known by then, else as unknown: a restored study makes its callbacks anew."""
+
+    def __init__(self, open: Callable[[], str]):
+        import_mlflow()
+        self._result: dict[str, Any] = {}
+        self._thread: threading.Thread | None = threading.Thread(target=self._open, args=(open,),
+                                                                 name="mlflow-parent-run", daemon=True)
+        self._thread.start()
+
+    def _open(self, open: Callable[[], str]) -> None:
+        try:
+            self._result["run_id"] = open()
+        except BaseException as e:  # noqa: BLE001 - raised by __call__ in the caller's thread
+            self._result["error"] = e
+
+    def join(self) -> None:
+        """Wait for it, raising nothing."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def __call__(self) -> str:
+        self.join()
+        if "error" in self._result:
+            raise self._result["error"]
+        if "run_id" not in self._result:
+            raise RuntimeError("the study's MLflow parent run is unknown here (a callback restored from a pickle)")
+        return self._result["run_id"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        done = self._thread is None or not self._thread.is_alive()
+        return {"_result": {"run_id": self._result["run_id"]} if done and "run_id" in self._result else {},
+                "_thread": None}
