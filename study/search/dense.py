@@ -127,7 +127,8 @@ class Pretraining:
             print(f"[study] dense model found in the cache: {self.path}", flush=True)
             return
         threads = max(1, int(cpus))
-        local = (gpus == 0 and single_machine(cpus)) if local is None else local
+        one_node = bool(local) or single_machine(cpus)  # asked of Ray once
+        local = (gpus == 0 and one_node) if local is None else local
         where = "in a process forked from the driver" if local else f"as a Ray task on {cpus:g} CPU / {gpus:g} GPU"
         print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) {where}; the trials wait for it ...",
               flush=True)
@@ -140,7 +141,7 @@ class Pretraining:
             return
         import ray
 
-        cpus_reserved = 0 if single_machine(cpus) else cpus  # one node: every trial slot starts its worker meanwhile
+        cpus_reserved = 0 if one_node else cpus  # one node: every trial slot starts its worker meanwhile
         self.ref = ray.remote(num_cpus=cpus_reserved, num_gpus=gpus)(task).remote(cfg, threads, pretrain)
 
     def cancel(self) -> None:

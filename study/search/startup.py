@@ -3,8 +3,10 @@
 import in a thread (study.search.dense, study.search.warmup), then Ray, started or joined, and the checks
 that need it. Ray's start-up (3-5 s on a 2-core CPU) thus overlaps the pretraining instead of preceding it.
 
-Nothing is created before every check has passed: the pretraining writes the cache only when it ends (a
-refused command cancels it first) and the MLflow store opens only after `EarlyStart.checked()`.
+Nothing of the study is created before every check has passed: the MLflow store opens only after
+`EarlyStart.checked()`, and a refused command cancels the pretraining. One thing may stay: a pretraining that
+ended before a later check refused the command (the resource check after Ray's start, the lock) has written
+the dense model to the cache, keyed by its config, where the next study with that config finds it.
 """
 from __future__ import annotations
 
