@@ -3,8 +3,9 @@
 
 This module is over 400 lines because the Study class owns the whole run/resume lifecycle, including pointing
 a restored Tune experiment at a copied folder (RelocatedSearch) and keeping an object-store study's bucket and
-local mirror in step (the file operations themselves are in study.search.layout/store); the next splits are
-that relocation into its own module and the entry points (run_study ... wipe_study) into theirs.
+local mirror in step (the file operations themselves are in study.search.layout/store; the MLflow side in
+study.search.study_mlflow); the next splits are that relocation into its own module and the entry points
+(run_study ... wipe_study) into theirs.
 
     study run search_spaces/quickstart.yaml      one search-space file = one study
     study resume quickstart                      continue an interrupted study (Ctrl-C, killed driver)
@@ -31,7 +32,6 @@ No lost and no duplicated trials across a resume:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -44,12 +44,12 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from study.errors import ConfigError
-from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
-from study.search import console, front, startup
+from study.keys import NUMBER_KEY
+from study.search import console, front, startup, study_mlflow
 from study.search.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, Manifest, StudyPaths, sqlite_file,
                                  study_paths)
-from study.search.optuna_search import (counts, define_by_run, fail_running, finished_count, link_mlflow_run,
-                                        load_optuna_study, open_storage, refuse_existing, searcher_class)
+from study.search.optuna_search import (counts, define_by_run, fail_running, finished_count, load_optuna_study,
+                                        open_storage, refuse_existing, searcher_class)
 from study.search.ray_cluster import resolve_gpus
 from study.search.samplers import make_sampler
 from study.search.space import SearchSpace, load_space
@@ -98,45 +98,9 @@ class Study:
     # --- pieces ----------------------------------------------------------------------------------
 
     def tracker(self, relocate: bool = True) -> Any:
-        """The study's MLflow tracker; `relocate=False` leaves `relocate_artifacts()` to the caller."""
-        from study.search.tracking import Tracker
-
-        uri = self.manifest.tracking_uri
-        name = self.space.study.name
-        if self.paths.remote:  # a local MLflow store keeps the artifacts in the bucket, beside the study
-            return Tracker(uri, name, artifact_root=f"{self.paths.runs}/mlartifacts/{name}" if uri.startswith("sqlite:")
-                           else None)
-        if relocate:
-            self.relocate_artifacts()
-        return Tracker(uri, name, artifact_root=self._artifact_root())
-
-    def _artifact_root(self) -> str | None:
-        if self.paths.remote or not self.manifest.tracking_uri.startswith("sqlite:"):
-            return None
-        return str(Path(self.manifest.runs_dir) / "mlartifacts" / self.space.study.name)
-
-    def relocate_artifacts(self) -> None:
-        """A local MLflow store copied or moved with the study: its artifact locations to this folder."""
-        root = self._artifact_root()
-        if root is not None:
-            from study.search.tracking import relocate_artifacts
-
-            relocate_artifacts(self.manifest.tracking_uri, self.space.study.name, Path(root))
-
-    def open_parent_run(self, tracker: Any) -> str:
-        """The study's MLflow parent run, opened (and --fresh's old runs of the name deleted first); saved
-        in the manifest."""
-        from study.search.tracking import open_parent_run
-
-        s = self.space.study
-        self.relocate_artifacts()
-        if self.wipe_runs:
-            tracker.delete_study_runs(s.name)
-        params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
-        self.manifest.parent_run_id = open_parent_run(tracker, s.name, self.manifest.parent_run_id, params,
-                                                      self.paths.space)
-        self.save_manifest()
-        return self.manifest.parent_run_id
+        """The study's MLflow tracker (study.search.study_mlflow); `relocate=False` leaves the artifact
+        relocation to open_parent_run."""
+        return study_mlflow.tracker(self, relocate)
 
     def trainable(self, cpus: float, gpus: float, dense: Any = None) -> Any:
         from ray import tune
@@ -153,27 +117,6 @@ class Study:
         return searcher_class()(space=functools.partial(define_by_run, self.space), metric=s.metrics,
                                  mode=s.modes, sampler=make_sampler(self.space), study_name=s.name,
                                  storage=open_storage(self.manifest.storage), n_trials=s.n_trials)
-
-    def callback(self, tracker: Any, parent: Any = None) -> Any:
-        """The MLflow callback; `parent`: what returns the parent run's id once it is open (default: the
-        manifest's)."""
-        from study.search.tracking import MlflowTrialCallback
-
-        return MlflowTrialCallback(tracker, self.space.study.name, parent or self.manifest.parent_run_id,
-                                   str(self.paths.space),
-                                   trial_config=functools.partial(build_config, self.space.trial, self.fixed),
-                                   link=functools.partial(link_mlflow_run, self.manifest.storage, self.space.study.name),
-                                   trial_dir=self.paths.pull_trial)
-
-    def callbacks(self, tracker: Any, parent: Any = None) -> list[Any]:
-        """Tune's JSON and CSV result loggers (what `tune` and ExperimentAnalysis read), the MLflow callback
-        and ReportPreload (study.search.warmup)."""
-        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-        from study.search.warmup import ReportPreload
-
-        return [JsonLoggerCallback(), CSVLoggerCallback(), self.callback(tracker, parent),
-                ReportPreload(self.space.study.n_trials)]
 
     def save_manifest(self) -> None:
         self.manifest.save(self.paths.manifest)
@@ -217,7 +160,7 @@ class Study:
         tracker = self.tracker(relocate=False)
         from study.search.warmup import ParentRun
 
-        parent = ParentRun(functools.partial(self.open_parent_run, tracker))  # while Tune starts the workers
+        parent = ParentRun(functools.partial(study_mlflow.open_parent_run, self, tracker))  # while Tune starts the workers
         try:
             if dense is not None:
                 self._search(resume, remaining, cpus, gpus, tracker, dense, parent)
@@ -237,7 +180,7 @@ class Study:
                   "the search ended while it was RUNNING (a bug: please report it)")
         fail_running(optuna_study, reason, expected=budget_spent)
         tracker.close_trial_runs(self.manifest.parent_run_id, "KILLED", reason)
-        self.record_unstarted(optuna_study, tracker)
+        study_mlflow.record_unstarted(self, optuna_study, tracker)
         if self.final_eval:
             self.final_evaluation(optuna_study, tracker, cpus, gpus)
             if s.baselines is not None:  # study.baselines: LWM at the front's sizes (study.search.baselines)
@@ -266,24 +209,6 @@ class Study:
         done = front.evaluate_front(self, optuna_study, tracker, cpus, gpus)
         self.paths.push_tree("trials", names=[CONFIRM_FILE, SUITE_FINAL_FILE])
         return done
-
-    def record_unstarted(self, optuna_study: Any, tracker: Any) -> None:
-        """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
-        from optuna.trial import TrialState
-
-        from study.search.tracking import provenance_tags
-
-        parent = self.manifest.parent_run_id
-        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-        have = {r.data.tags.get(NUMBER_KEY) for r in runs}
-        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if str(t.number) in have:
-                continue
-            run_id = tracker.create_run(f"{self.space.study.name}-{t.number:04d}", {
-                **trial_run_key(self.space.study.name, t.number, parent), ROLE_TAG: "trial",
-                "fail_reason": t.user_attrs.get("fail_reason", "never started"), **provenance_tags()})
-            tracker.log_batch(run_id, params=self.trial_config({**t.params, NUMBER_KEY: t.number}).flat())
-            tracker.finish(run_id, "KILLED")
 
     def _custom_runs_dir(self) -> bool:
         return self.paths.remote or Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
@@ -327,7 +252,7 @@ class Study:
                 name=s.name, storage_path=self.paths.tune_storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=self.callbacks(tracker, parent), stop=dense.guard()),
+                callbacks=study_mlflow.callbacks(self, tracker, parent), stop=dense.guard()),
         )
 
     def _repoint(self, tuner: Any, tracker: Any, parent: Any) -> None:
@@ -350,7 +275,7 @@ class Study:
         limited = ConcurrencyLimiter(search_alg, max_concurrent=self.space.study.max_concurrent)
         config.search_alg = relocated_class()(limited, self.paths.tune_storage, self.space.study.name)
         config.max_concurrent_trials = None  # the limiter is inside
-        internal._run_config.callbacks = self.callbacks(tracker, parent)
+        internal._run_config.callbacks = study_mlflow.callbacks(self, tracker, parent)
 
     def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:
         from analysis import pareto

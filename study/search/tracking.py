@@ -57,45 +57,6 @@ def default_tracking_uri(runs_dir: str | Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
-def relocate_artifacts(tracking_uri: str, experiment: str, artifact_root: Path) -> bool:
-    """A local MLflow store copied or moved with its runs folder still names the old folder as the artifact
-    location of its experiment and runs (MLflow stores them absolute): point them at `artifact_root`, so
-    artifacts of a copied study are never written into the original. Returns whether anything moved."""
-    import logging
-    import sqlite3
-
-    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
-    if db is None or not db.is_file():
-        return False
-    try:  # MLflow caches a run's artifact location per process by run id: another store's run may share it
-        from mlflow.tracking._tracking_service import utils as _mlflow_utils
-
-        _mlflow_utils._artifact_repos_cache.clear()
-    except (ImportError, AttributeError):
-        pass
-    new = artifact_root.resolve().as_uri()
-    try:
-        with sqlite3.connect(db, timeout=60) as con:
-            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
-            if row is None or not row[0] or row[0] == new or not row[0].endswith(f"/mlartifacts/{experiment}"):
-                return False
-            old_prefix, new_prefix = row[0][:-len(experiment)], new[:-len(experiment)]
-            if Path(old_prefix.removeprefix("file://")).resolve() == Path(new_prefix.removeprefix("file://")).resolve():
-                return False
-            n = len(old_prefix)
-            con.execute("UPDATE experiments SET artifact_location = ? || substr(artifact_location, ?) "
-                        "WHERE substr(artifact_location, 1, ?) = ?", (new_prefix, n + 1, n, old_prefix))
-            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
-                        "WHERE substr(artifact_uri, 1, ?) = ?", (new_prefix, n + 1, n, old_prefix))
-        logging.getLogger("study.search").info("MLflow artifacts of %s relocated from %s to %s", experiment,
-                                               old_prefix, new_prefix)
-        return True
-    except sqlite3.Error as e:
-        logging.getLogger("study.search").warning("could not relocate the MLflow artifacts of %s in %s: %s",
-                                                  experiment, db, e)
-        return False
-
-
 @functools.lru_cache(maxsize=1)
 def git_sha() -> str:
     try:
@@ -316,14 +277,13 @@ class MlflowTrialCallback(Callback):
 
     `trial_config(config)` maps a Tune trial config to its TrialConfig (flat params + JSON artifact);
     `link(number, run_id)` records the run id with the Optuna trial (both picklable: this callback is
-    pickled with the Tuner and restored on resume).
+    pickled with the Tuner and restored on resume). `parent_run_id`: the id, or what returns it once the
+    run is open (study.search.warmup.ParentRun).
     """
 
     def __init__(self, tracker: Tracker, study: str, parent_run_id: str | Callable[[], str], space_file: str,
-                 trial_config: Callable[[Mapping[str, Any]], Any],
-                 link: Callable[[int, str], None] | None = None,
+                 trial_config: Callable[[Mapping[str, Any]], Any], link: Callable[[int, str], None] | None = None,
                  trial_dir: Callable[[int], Path] | None = None):
-        # parent_run_id: the id, or what returns it once the run is open (study.search.warmup.ParentRun)
         self.tracker, self.study, self._parent = tracker, study, parent_run_id
         self.space_file, self.trial_config, self.link = space_file, trial_config, link
         self.trial_dir = trial_dir  # Optuna trial number -> the folder with the trial's model.pt/result.json
@@ -335,8 +295,7 @@ class MlflowTrialCallback(Callback):
 
     @property
     def parent_run_id(self) -> str:
-        if callable(self._parent):
-            self._parent = self._parent()
+        self._parent = self._parent() if callable(self._parent) else self._parent
         return self._parent
 
     def get_state(self) -> dict | None:

@@ -1,0 +1,140 @@
+"""A study's MLflow side (study.search.runner.Study's): its tracker, the artifact locations of a copied
+study, the parent run, the Tune callbacks that record every trial as a nested run, and the runs of trials
+that never started. The records themselves (Tracker, MlflowTrialCallback, tags) are study.search.tracking's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
+from study.search.optuna_search import link_mlflow_run
+from study.search.trainable import build_config
+
+if TYPE_CHECKING:
+    from study.search.runner import Study
+
+
+def tracker(st: Study, relocate: bool = True) -> Any:
+    """The study's MLflow tracker; `relocate=False` leaves `relocate_artifacts` to the caller."""
+    from study.search.tracking import Tracker
+
+    uri = st.manifest.tracking_uri
+    name = st.space.study.name
+    if st.paths.remote:  # a local MLflow store keeps the artifacts in the bucket, beside the study
+        return Tracker(uri, name, artifact_root=f"{st.paths.runs}/mlartifacts/{name}" if uri.startswith("sqlite:")
+                       else None)
+    if relocate:
+        relocate_artifacts(st)
+    return Tracker(uri, name, artifact_root=_artifact_root(st))
+
+
+def _artifact_root(st: Study) -> str | None:
+    if st.paths.remote or not st.manifest.tracking_uri.startswith("sqlite:"):
+        return None
+    return str(Path(st.manifest.runs_dir) / "mlartifacts" / st.space.study.name)
+
+
+def relocate_artifacts(st: Study) -> None:
+    """A local MLflow store copied or moved with the study: its artifact locations to this folder."""
+    root = _artifact_root(st)
+    if root is not None:
+        relocate_store(st.manifest.tracking_uri, st.space.study.name, Path(root))
+
+
+def open_parent_run(st: Study, tracker: Any) -> str:
+    """The study's MLflow parent run, opened (and --fresh's old runs of the name deleted first); saved
+    in the manifest."""
+    from study.search.tracking import open_parent_run
+
+    s = st.space.study
+    relocate_artifacts(st)
+    if st.wipe_runs:
+        tracker.delete_study_runs(s.name)
+    params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
+    st.manifest.parent_run_id = open_parent_run(tracker, s.name, st.manifest.parent_run_id, params, st.paths.space)
+    st.save_manifest()
+    return st.manifest.parent_run_id
+
+
+def callback(st: Study, tracker: Any, parent: Any = None) -> Any:
+    """The MLflow callback; `parent`: what returns the parent run's id once it is open (default: the
+    manifest's)."""
+    from study.search.tracking import MlflowTrialCallback
+
+    return MlflowTrialCallback(tracker, st.space.study.name, parent or st.manifest.parent_run_id,
+                               str(st.paths.space),
+                               trial_config=functools.partial(build_config, st.space.trial, st.fixed),
+                               link=functools.partial(link_mlflow_run, st.manifest.storage, st.space.study.name),
+                               trial_dir=st.paths.pull_trial)
+
+
+def callbacks(st: Study, tracker: Any, parent: Any = None) -> list[Any]:
+    """Tune's JSON and CSV result loggers (what `tune` and ExperimentAnalysis read), the MLflow callback
+    and ReportPreload (study.search.warmup)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from study.search.warmup import ReportPreload
+
+    return [JsonLoggerCallback(), CSVLoggerCallback(), callback(st, tracker, parent),
+            ReportPreload(st.space.study.n_trials)]
+
+
+def record_unstarted(st: Study, optuna_study: Any, tracker: Any) -> None:
+    """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
+    from optuna.trial import TrialState
+
+    from study.search.tracking import provenance_tags
+
+    parent = st.manifest.parent_run_id
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    have = {r.data.tags.get(NUMBER_KEY) for r in runs}
+    for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if str(t.number) in have:
+            continue
+        run_id = tracker.create_run(f"{st.space.study.name}-{t.number:04d}", {
+            **trial_run_key(st.space.study.name, t.number, parent), ROLE_TAG: "trial",
+            "fail_reason": t.user_attrs.get("fail_reason", "never started"), **provenance_tags()})
+        tracker.log_batch(run_id, params=st.trial_config({**t.params, NUMBER_KEY: t.number}).flat())
+        tracker.finish(run_id, "KILLED")
+
+
+def relocate_store(tracking_uri: str, experiment: str, artifact_root: Path) -> bool:
+    """A local MLflow store copied or moved with its runs folder still names the old folder as the artifact
+    location of its experiment and runs (MLflow stores them absolute): point them at `artifact_root`, so
+    artifacts of a copied study are never written into the original. Returns whether anything moved."""
+    import logging
+    import sqlite3
+
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    if db is None or not db.is_file():
+        return False
+    try:  # MLflow caches a run's artifact location per process by run id: another store's run may share it
+        from mlflow.tracking._tracking_service import utils as _mlflow_utils
+
+        _mlflow_utils._artifact_repos_cache.clear()
+    except (ImportError, AttributeError):
+        pass
+    new = artifact_root.resolve().as_uri()
+    try:
+        with sqlite3.connect(db, timeout=60) as con:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+            if row is None or not row[0] or row[0] == new or not row[0].endswith(f"/mlartifacts/{experiment}"):
+                return False
+            old_prefix, new_prefix = row[0][:-len(experiment)], new[:-len(experiment)]
+            if Path(old_prefix.removeprefix("file://")).resolve() == Path(new_prefix.removeprefix("file://")).resolve():
+                return False
+            n = len(old_prefix)
+            con.execute("UPDATE experiments SET artifact_location = ? || substr(artifact_location, ?) "
+                        "WHERE substr(artifact_location, 1, ?) = ?", (new_prefix, n + 1, n, old_prefix))
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                        "WHERE substr(artifact_uri, 1, ?) = ?", (new_prefix, n + 1, n, old_prefix))
+        logging.getLogger("study.search").info("MLflow artifacts of %s relocated from %s to %s", experiment,
+                                               old_prefix, new_prefix)
+        return True
+    except sqlite3.Error as e:
+        logging.getLogger("study.search").warning("could not relocate the MLflow artifacts of %s in %s: %s",
+                                                  experiment, db, e)
+        return False
