@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # pip constraints: the versions CI passed with (empty = the newest the ranges in pyproject.toml allow)
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: venv quickstart test test-fast bench clean fashion-data experiment-methods experiment-search \
+.PHONY: venv quickstart test test-fast bench clean fashion-data browser experiment-methods experiment-search \
         experiment-methods-quick experiment-search-quick
 
 venv: $(STAMP)
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 quickstart: $(STAMP)
 	$(BIN)/study run --fresh search_spaces/quickstart.yaml
 
-test: $(STAMP) fashion-data
+test: $(STAMP) fashion-data browser
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -50,6 +50,12 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 fashion-data:
 	@test -d $(FASHION_DIR) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	  || echo "warning: could not install dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)"
+
+# Debian's Chromium, for the test that renders the study report headless (every image loaded); where apt
+# cannot install it, a warning, and that test is skipped with the install command as its reason.
+browser:
+	@command -v chromium >/dev/null || (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)) \
+	  || echo "warning: could not install chromium (sudo apt-get install chromium)"
 
 clean:
 	rm -rf $(VENV) runs
