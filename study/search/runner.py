@@ -160,7 +160,8 @@ class Study:
         tracker = self.tracker(relocate=False)
         from study.search.warmup import ParentRun
 
-        parent = ParentRun(functools.partial(study_mlflow.open_parent_run, self, tracker))  # while Tune starts the workers
+        # the parent run opens while Tune starts the trials' workers
+        parent = ParentRun(functools.partial(study_mlflow.open_parent_run, self, tracker))
         try:
             if dense is not None:
                 self._search(resume, remaining, cpus, gpus, tracker, dense, parent)

@@ -123,8 +123,9 @@ class ReportPreload(Callback):
 
 class ParentRun:
     """`open()`, the study's MLflow parent run id, computed in a thread from now on (mlflow imported first, in
-    the caller's thread or by the warm-up); calling this waits for it and raises what `open` raised. Pickled (Tune pickles its callbacks with the Tuner) as the id if it is
-    known by then, else as unknown: a restored study makes its callbacks anew."""
+    the caller's thread or by the warm-up); calling this waits for it and raises what `open` raised.
+    Pickled (Tune pickles its callbacks with the Tuner) as the id if it is known by then, else as unknown:
+    a restored study makes its callbacks anew."""
 
     def __init__(self, open: Callable[[], str]):
         import_mlflow()
