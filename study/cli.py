@@ -8,8 +8,10 @@ the file, the key and the valid choices, and exits with status 2 before anything
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -250,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's Python stack to stderr (a hang's where)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return func(args)
     except _user_errors() as e:

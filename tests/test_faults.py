@@ -26,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers of test_multinode (no package here)
 from test_multinode import (  # noqa: E402
-    LocalCluster, check_records, cmdline, mlflow_runs, optuna_trials, study_cli, tail, write_space,
+    LocalCluster, check_records, cmdline, hung, mlflow_runs, optuna_trials, study_cli, tail, write_space,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -163,6 +163,8 @@ def test_killed_driver_is_resumed_without_duplicates(tmp_path, cluster):
                 break
         time.sleep(0.3)
     assert driver.poll() is None, f"the driver ended before the kill:\n{tail(run_log)}"
+    if time.monotonic() >= deadline:  # no trial done in 240 s: the study is stuck somewhere, show where
+        raise AssertionError(f"no trial complete after 240 s ({states}):\n{hung(driver, run_log)}")
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     killed_at = time.perf_counter() - t0

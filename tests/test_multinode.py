@@ -202,6 +202,15 @@ def tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
 
 
+def hung(proc: subprocess.Popen, log: Path, chars: int = 12000) -> str:
+    """What a `study` driver that did not get on was doing: its threads' stacks (the CLI dumps them on
+    SIGUSR1) and the end of its log, for a failure message."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(2)
+    return tail(log, chars)
+
+
 # --- reading a study's records ------------------------------------------------------------------------
 
 

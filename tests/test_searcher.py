@@ -104,3 +104,44 @@ def test_a_study_short_of_its_trials_asks_new_ones(tmp_path, space):
     assert [resumed.suggest(f"r{i}")[NUMBER_KEY] for i in (1, 2)] == [1, 2]
     assert resumed.suggest("r3") == "FINISHED"
     assert [t.state for t in _optuna_trials(space, url)] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+
+
+def _tune_snapshot(folder, trials):
+    """Tune's experiment snapshot beside the searcher's state, written with Ray's own trial serializer:
+    `trials` = [(Tune trial id, Optuna trial number, Tune status)]."""
+    import json
+
+    from ray.tune.experiment import Trial
+
+    data = []
+    for trial_id, number, status in trials:
+        trial = Trial("study_trainable", config={NUMBER_KEY: number}, trial_id=trial_id, stub=True)
+        trial.set_status(status)
+        data.append(list(trial.get_json_state()))
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": data}))
+
+
+@pytest.mark.parametrize("state", ["empty", "stale"])
+def test_tunes_restored_trials_are_claimed_when_the_searchers_state_is_unreadable_or_stale(tmp_path, space, state):
+    """The driver died while Tune copied its snapshot into the study folder: the searcher's pickle is empty
+    (seen: a SIGKILL right after a trial completed), or older than the experiment state beside it. Restoring
+    must not raise (Tune would restart the experiment and wait forever), and the trial Tune reruns keeps
+    its Optuna trial: a new Tune trial does not adopt it as an orphan, and its result is told to Optuna."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = _searcher(space, url)
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", _final(space, 0.5))
+    snapshot = tmp_path / "searcher-state-2026-01-01_00-00-00.pkl"
+    searcher.save(str(snapshot))  # knows t0 only
+    assert searcher.suggest("t1")[NUMBER_KEY] == 1  # t1 trains when the driver dies
+    _tune_snapshot(tmp_path, [("t0", 0, "TERMINATED"), ("t1", 1, "RUNNING")])
+    if state == "empty":
+        snapshot.write_bytes(b"")
+
+    resumed = _restored(space, url, snapshot)
+    assert resumed.suggest("t2")[NUMBER_KEY] == 2  # a new trial; Optuna trial 1 belongs to Tune's rerun of t1
+    resumed.on_trial_complete("t1", _final(space, 0.25))
+    resumed.on_trial_complete("t2", _final(space, 0.75))
+    trials = _optuna_trials(space, url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * N_TRIALS
+    assert [t.values[0] for t in trials] == [0.5, 0.25, 0.75]

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from study.search.store import Store, data_dir, is_remote, mirror_dir
 
@@ -50,6 +50,14 @@ class StudyPaths:
     def tune_storage(self) -> str:
         """Tune's storage_path: the tune folder, or its object-store URI."""
         return self.store.url("tune") if self.store is not None else str(self.tune_dir)
+
+    @property
+    def tune_filesystem(self) -> Any:
+        """Tune's storage_filesystem: local files written atomically (study.search.atomic_fs), or None for an
+        object store (pyarrow's own, from the URI)."""
+        from study.search.atomic_fs import atomic_local_fs
+
+        return None if self.store is not None else atomic_local_fs()
 
     @property
     def experiment_location(self) -> str:

@@ -166,17 +166,56 @@ def searcher_class() -> type:
                 self._ot_trials = {k: Trial(self._ot_study, t._trial_id) for k, t in self._ot_trials.items()}
 
         def restore(self, checkpoint_path: str) -> None:
+            """Tune's restore, which must never raise: Tune answers a searcher that fails to restore by
+            restarting the experiment, which then waits forever. An unreadable state (a driver killed while
+            Tune wrote it) keeps the searcher as the Tuner pickled it; either way the trials of Tune's own
+            snapshot beside it are claimed (`_claim_tune_trials`) and the Optuna storage says the rest."""
             from study.search.samplers import restored
 
             pinned = self.__dict__.get("_pinned_url")
-            super().restore(checkpoint_path)
-            if self._ot_study is not None:  # the study's sampler is the searcher's (one object, pickled once)
-                shared = self._sampler is self._ot_study.sampler
-                self._ot_study.sampler = restored(self._ot_study.sampler)
-                if shared:
-                    self._sampler = self._ot_study.sampler
+            try:
+                super().restore(checkpoint_path)
+                if self._ot_study is not None:  # the study's sampler is the searcher's (one object, pickled once)
+                    shared = self._sampler is self._ot_study.sampler
+                    self._ot_study.sampler = restored(self._ot_study.sampler)
+                    if shared:
+                        self._sampler = self._ot_study.sampler
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                log.warning("the searcher's saved state %s is unreadable (%s: %s); resuming from Tune's trials and "
+                            "the Optuna storage", checkpoint_path, type(e).__name__, e)
             if pinned:
                 self.repoint(pinned)
+            if self._ot_study is not None:
+                self._claim_tune_trials(Path(checkpoint_path).parent)
+
+        def _claim_tune_trials(self, folder: Path) -> None:
+            """Map every trial of Tune's newest experiment snapshot in `folder` to its Optuna trial (by the
+            number in its config), where the searcher's own state, saved apart from that snapshot, lacks it.
+            Tune reruns those trials without asking: unclaimed, one would look like an orphan to `suggest`
+            (and run twice) and its result would be ignored."""
+            import json
+
+            states = sorted(folder.glob("experiment_state-*.json"))
+            try:
+                trial_data = json.loads(states[-1].read_text())["trial_data"] if states else []
+            except Exception as e:  # noqa: BLE001 - Tune, reading the same file, reports it
+                log.warning("could not read Tune's snapshot %s: %s", states[-1], e)
+                return
+            storage, study_id = self._ot_study._storage, self._ot_study._study_id
+            for entry in trial_data:
+                try:
+                    state = json.loads(entry[0])
+                    trial_id, number = state["trial_id"], int(state["config"][NUMBER_KEY])
+                except Exception:  # noqa: BLE001 - not a trial of this study's searcher
+                    continue
+                if trial_id in self._ot_trials:
+                    continue
+                try:
+                    ot_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+                except KeyError:
+                    continue
+                log.info("Tune trial %s is Optuna trial %d (the searcher's saved state predates it)", trial_id, number)
+                self._ot_trials[trial_id] = Trial(self._ot_study, ot_id)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             return  # multi-objective: Optuna takes no intermediate values

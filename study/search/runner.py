@@ -235,7 +235,8 @@ class Study:
         if resume and tune.Tuner.can_restore(self.paths.experiment_location):
             print(f"[study] restoring the Tune experiment {self.paths.experiment_location}", flush=True)
             tuner = tune.Tuner.restore(self.paths.experiment_location, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+                                       resume_errored=False, restart_errored=False,
+                                       storage_filesystem=self.paths.tune_filesystem)
             self._repoint(tuner, tracker, parent)
             tuner._local_tuner._run_config.stop = dense.guard()
             return tuner
@@ -250,7 +251,7 @@ class Study:
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
                                         reuse_actors=True),  # no new process + torch import per trial
             run_config=tune.RunConfig(
-                name=s.name, storage_path=self.paths.tune_storage,
+                name=s.name, storage_path=self.paths.tune_storage, storage_filesystem=self.paths.tune_filesystem,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=study_mlflow.callbacks(self, tracker, parent), stop=dense.guard()),
