@@ -173,3 +173,26 @@ def test_ctrl_c_while_the_dense_model_trains_stops_it_and_resume_pretrains_again
     again = runner.resume_study("quickstart", runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
                                 run_trial=fake_run_trial)
     assert again.status == "complete" and again.complete == 2
+
+
+def marking_pretrain(cfg, *, mark):
+    with open(mark, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return fake_pretrain(cfg)
+
+
+def test_a_resume_with_no_trial_left_pretrains_nothing(tmp_path, capsys):
+    """A resume that only ends the study (every Optuna trial finished: the front, the report) used to fork
+    the dense model's pretraining before Ray started, whenever the model was not cached, for nothing."""
+    runs, mark = tmp_path / "runs", tmp_path / "pretrained-by"
+    first = runner.run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False,
+                             pretrain=functools.partial(marking_pretrain, mark=str(mark)), run_trial=fake_run_trial)
+    assert first.status == "complete" and len(mark.read_text().split()) == 1
+    for cached in (runs / "quickstart" / "pretrained").glob("*.pt"):
+        cached.unlink()  # not in the cache: only the number of trials left says that none is needed
+    capsys.readouterr()
+    again = runner.resume_study("quickstart", runs_dir=runs, final_eval=False,
+                                pretrain=functools.partial(marking_pretrain, mark=str(mark)), run_trial=fake_run_trial)
+    assert again.status == "complete" and again.complete == 1
+    assert "pretraining the dense model" not in capsys.readouterr().out
+    assert len(mark.read_text().split()) == 1  # the first run's pretraining only

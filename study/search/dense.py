@@ -113,7 +113,7 @@ class Pretraining:
     `local`: a one-machine CPU study (local_cpu_study), None = ask Ray (single_machine)."""
 
     def __init__(self, cfg: Any, cpus: float, gpus: float, pretrain: Callable | None, task: Callable,
-                 local: bool | None = None):
+                 local: bool | None = None, needed: bool = True):
         self.started = time.perf_counter()
         self.ref: Any = None
         self.process: Any = None
@@ -121,6 +121,9 @@ class Pretraining:
         self.path: str | None = None
         self.error: BaseException | None = None
         self._announced = False
+        if not needed:  # no trial left to train: nothing to start or wait for (see Study.execute)
+            self._announced = True
+            return
         if pretrain is None and cached(cfg):
             self.path = cfg.pretrained or location(cfg.cache_dir, cfg.pretrain_file_name())
             self._announced = True

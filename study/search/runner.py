@@ -130,7 +130,7 @@ class Study:
         """The TrialConfig of a Tune trial config (searched values + NUMBER_KEY) in this study."""
         return build_config(self.space.trial, self.fixed, config)
 
-    def start_pretraining(self, cpus: float, gpus: float) -> Any:
+    def start_pretraining(self, cpus: float, gpus: float, needed: bool = True) -> Any:
         """The dense model, once per study (study.search.dense): the one a one-machine CPU study started before
         Ray (study.search.startup.EarlyStart, in a process forked from the driver), else from the cache or a Ray
         task on a trial's resources, while the driver sets up and the trials' workers start; `threads` = the
@@ -142,7 +142,8 @@ class Study:
             return self.dense
         from study.search.dense import Pretraining
 
-        return Pretraining(self.space.trial_config({}, self.fixed), cpus, gpus, self.pretrain, pretrain_task)
+        return Pretraining(self.space.trial_config({}, self.fixed), cpus, gpus, self.pretrain, pretrain_task,
+                           needed=needed)
 
     # --- the search ------------------------------------------------------------------------------
 
@@ -156,7 +157,10 @@ class Study:
         remaining = s.n_trials - finished_count(optuna_study)
         t0 = time.monotonic()
         search = remaining > 0 or (resume and tune.Tuner.can_restore(self.paths.experiment_location))
-        dense = self.start_pretraining(cpus, gpus) if search else None  # runs while the driver sets up
+        # The dense model trains while the driver sets up. With no Optuna trial left, a restored Tune may still
+        # rerun a trial it had not seen end: that trial reports its saved final.json, or (its Optuna trial
+        # failed meanwhile, so its result is ignored) pretrains through the pipeline's own cache.
+        dense = self.start_pretraining(cpus, gpus, needed=remaining > 0) if search else None
         tracker = self.tracker(relocate=False)
         from study.search.warmup import ParentRun
 
@@ -440,7 +444,8 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
     lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()
     startup.check(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
-    early = startup.EarlyStart(space, paths, pretrain, address, num_cpus, manifest.tracking_uri)
+    early = startup.EarlyStart(space, paths, pretrain, address, num_cpus, manifest.tracking_uri,
+                               trials_left=_trials_left(manifest.storage, name, space.study.n_trials))
     try:
         startup.start_ray_checked(space, address, num_cpus)
         with lock.acquire():
@@ -448,6 +453,14 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
             return Study(space, paths, manifest, run_trial, pretrain, final_eval, early.dense).execute(resume=True)
     finally:
         early.cancel()
+
+
+def _trials_left(storage: str, name: str, n_trials: int) -> bool:
+    """Whether a resumed study has Optuna trials still to finish; a storage not readable yet counts as yes."""
+    try:
+        return finished_count(load_optuna_study(storage, name)) < n_trials
+    except Exception:  # noqa: BLE001 - execute() opens it and reports what is wrong
+        return True
 
 
 def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: float = 1.0) -> Outcome:

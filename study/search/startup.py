@@ -56,12 +56,14 @@ class EarlyStart:
     no import another thread has half done."""
 
     def __init__(self, space: SearchSpace, paths: StudyPaths, pretrain: Callable | None, address: str | None,
-                 num_cpus: int | None, tracking_uri: str):
+                 num_cpus: int | None, tracking_uri: str, trials_left: bool = True):
         from study.search import dense, warmup
         from study.search.trainable import pretrain_task
 
         s = space.study
-        local = (num_cpus is None or num_cpus >= s.cpus_per_trial) and dense.local_cpu_study(
+        # trials_left False: a resume with every Optuna trial finished (it ends the study: the front, the
+        # report). A trial Tune still reruns then gets its dense model from Study.execute, as on a cluster.
+        local = trials_left and (num_cpus is None or num_cpus >= s.cpus_per_trial) and dense.local_cpu_study(
             address, s.gpus_per_trial, s.cpus_per_trial)
         self.dense: Any = (dense.Pretraining(space.trial_config({}, fixed_config(space, paths)), s.cpus_per_trial, 0.0,
                                              pretrain, pretrain_task, local=True) if local else None)
