@@ -253,7 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's Python stack to stderr (a hang's where)
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        except (AttributeError, OSError, ValueError):  # no real stderr (an embedding host): no dump, no error
+            pass
     try:
         return func(args)
     except _user_errors() as e:

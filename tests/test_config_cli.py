@@ -85,3 +85,39 @@ def test_cli_missing_file_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+STUCK_COMMAND = textwrap.dedent("""
+    import sys, threading, time
+    from study import cli
+
+    def stuck_in_a_thread():
+        time.sleep(60)
+
+    def cmd_report(args):  # a command that does not get on: its main thread and a helper thread wait
+        threading.Thread(target=stuck_in_a_thread, name="helper", daemon=True).start()
+        print("waiting", flush=True)
+        time.sleep(60)
+        return 0
+
+    cli.cmd_report = cmd_report
+    sys.exit(cli.main(["report", "anything"]))
+""")
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_command_goes_on():
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_COMMAND], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        assert proc.poll() is None  # the dump does not end the command
+    finally:
+        proc.kill()
+    err = proc.communicate()[1]
+    assert "stuck_in_a_thread" in err and "cmd_report" in err, err  # both threads, by function

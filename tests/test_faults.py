@@ -142,6 +142,7 @@ def _training(study_dir: Path) -> list[str]:
 def test_killed_driver_is_resumed_without_duplicates(tmp_path, cluster):
     from optuna.trial import TrialState
 
+    cluster.wait_idle()  # the previous test's trial actors are gone
     t0 = time.perf_counter()
     runs = tmp_path / "runs"
     n = 3

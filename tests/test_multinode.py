@@ -181,6 +181,21 @@ class LocalCluster:
         self.sessions.append(proc.pid)
         return proc
 
+    def wait_idle(self, timeout: float = 90.0) -> None:
+        """Until every CPU of the cluster is free again: the actors of an earlier driver in the same cluster
+        are released by Ray some time after that driver exits (a study started meanwhile would wait)."""
+        probe = ("import json, time, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False)\n"
+                 "deadline = time.monotonic() + %r\n"
+                 "while time.monotonic() < deadline and ray.available_resources().get('CPU', 0) < "
+                 "ray.cluster_resources().get('CPU', 0): time.sleep(0.5)\n"
+                 "print(json.dumps([ray.available_resources().get('CPU', 0), ray.cluster_resources().get('CPU', 0)]))"
+                 % (self.address, timeout))
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=self.env,
+                             timeout=timeout + 60)
+        assert out.returncode == 0, out.stderr[-3000:]
+        free, total = json.loads(out.stdout.strip().splitlines()[-1])
+        assert free >= total, f"{total - free} of {total} CPUs still held {timeout:.0f} s after the last driver"
+
     def stop(self) -> list[int]:
         left = kill_sessions(list(reversed(self.sessions)))
         return left
