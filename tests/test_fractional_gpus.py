@@ -30,11 +30,18 @@ def ray_with_one_gpu():
     ray.shutdown()
 
 
-def gpu_trial(cfg, *, log, **kw):
+def gpu_trial(cfg, *, log, started, at_once, **kw):
+    """Records when it ran on which GPU. It waits (up to 30 s) until `at_once` trials have started, so that
+    trials Ray lets run together overlap however slowly a loaded machine starts their workers."""
     import ray
 
     start = time.time()
-    time.sleep(3.0)
+    with open(started, "a") as f:
+        f.write("x\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(open(started).read().split()) < at_once:
+        time.sleep(0.05)
+    time.sleep(1.0)
     with open(log, "a") as f:
         f.write(json.dumps({"start": start, "end": time.time(), "gpus": [str(g) for g in ray.get_gpu_ids()],
                             "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
@@ -57,7 +64,8 @@ def test_trials_share_one_gpu_by_their_fraction(tmp_path, share, at_once):
     space = load_space(QUICKSTART, {"study.n_trials": 4, "study.max_concurrent": 4, "study.cpus_per_trial": 1,
                                     "study.gpus_per_trial": share})
     outcome = runner.run_study(space, runs_dir=tmp_path / "runs", final_eval=False, pretrain=fake_pretrain,
-                               run_trial=functools.partial(gpu_trial, log=str(log)))
+                               run_trial=functools.partial(gpu_trial, log=str(log), started=str(tmp_path / "started"),
+                                                           at_once=at_once))
     assert outcome.status == "complete" and outcome.complete == 4
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 4
