@@ -145,3 +145,24 @@ def test_tunes_restored_trials_are_claimed_when_the_searchers_state_is_unreadabl
     trials = _optuna_trials(space, url)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * N_TRIALS
     assert [t.values[0] for t in trials] == [0.5, 0.25, 0.75]
+
+
+def test_a_trial_tunes_snapshot_lost_is_adopted_by_the_next_new_trial(tmp_path, space):
+    """The searcher's state is newer than Tune's snapshot (the copy of experiment_state was killed, the
+    searcher's was not): the searcher knows a Tune trial that the restored Tune will never run. Its Optuna
+    trial, still RUNNING, goes to the next trial Tune creates instead of staying RUNNING until it is failed."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = _searcher(space, url)
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", _final(space, 0.5))
+    asked = searcher.suggest("t1")  # RUNNING when the driver dies
+    snapshot = tmp_path / "searcher-state-2026-01-01_00-00-00.pkl"
+    searcher.save(str(snapshot))  # knows t0 and t1
+    _tune_snapshot(tmp_path, [("t0", 0, "TERMINATED")])  # Tune's older snapshot: t0 only
+
+    resumed = _restored(space, url, snapshot)
+    assert resumed.suggest("r1") == asked  # adopted: the same Optuna trial and values, no new ask
+    assert resumed.suggest("r2")[NUMBER_KEY] == 2
+    for trial_id in ("r1", "r2"):
+        resumed.on_trial_complete(trial_id, _final(space, 0.25))
+    assert [t.state for t in _optuna_trials(space, url)] == [TrialState.COMPLETE] * N_TRIALS

@@ -189,25 +189,32 @@ def searcher_class() -> type:
                 self._claim_tune_trials(Path(checkpoint_path).parent)
 
         def _claim_tune_trials(self, folder: Path) -> None:
-            """Map every trial of Tune's newest experiment snapshot in `folder` to its Optuna trial (by the
-            number in its config), where the searcher's own state, saved apart from that snapshot, lacks it.
-            Tune reruns those trials without asking: unclaimed, one would look like an orphan to `suggest`
-            (and run twice) and its result would be ignored."""
+            """Make the searcher's trials those of Tune's newest experiment snapshot in `folder` (the two are
+            saved as separate files, so a driver killed between them leaves one older than the other):
+            - a Tune trial the searcher lacks is mapped to its Optuna trial (by the number in its config):
+              Tune reruns it without asking; unclaimed, it would look like an orphan to `suggest` (and run
+              twice) and its result would be ignored;
+            - a trial the searcher knows and Tune lost, still RUNNING in Optuna, is released: the next trial
+              Tune creates adopts it (`suggest`), instead of it staying RUNNING until the study fails it."""
             import json
 
             states = sorted(folder.glob("experiment_state-*.json"))
+            if not states:  # no snapshot of Tune's to compare with: the searcher's state stands
+                return
             try:
-                trial_data = json.loads(states[-1].read_text())["trial_data"] if states else []
+                trial_data = json.loads(states[-1].read_text())["trial_data"]
             except Exception as e:  # noqa: BLE001 - Tune, reading the same file, reports it
                 log.warning("could not read Tune's snapshot %s: %s", states[-1], e)
                 return
             storage, study_id = self._ot_study._storage, self._ot_study._study_id
+            in_tune: set[str] = set()
             for entry in trial_data:
                 try:
                     state = json.loads(entry[0])
                     trial_id, number = state["trial_id"], int(state["config"][NUMBER_KEY])
                 except Exception:  # noqa: BLE001 - not a trial of this study's searcher
                     continue
+                in_tune.add(trial_id)
                 if trial_id in self._ot_trials:
                     continue
                 try:
@@ -216,6 +223,12 @@ def searcher_class() -> type:
                     continue
                 log.info("Tune trial %s is Optuna trial %d (the searcher's saved state predates it)", trial_id, number)
                 self._ot_trials[trial_id] = Trial(self._ot_study, ot_id)
+            for trial_id in [t for t in self._ot_trials if t not in in_tune]:
+                ot_trial = self._ot_trials[trial_id]
+                if storage.get_trial(ot_trial._trial_id).state == TrialState.RUNNING:
+                    log.info("Optuna trial %d is released for adoption (Tune's snapshot predates its trial %s)",
+                             ot_trial.number, trial_id)
+                    del self._ot_trials[trial_id]
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             return  # multi-objective: Optuna takes no intermediate values
