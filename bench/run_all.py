@@ -1,7 +1,7 @@
 """Run every benchmark, print the tables and write docs/benchmarks.md from the measured numbers.
 
     python -m bench.run_all                   # this machine's default device (CUDA where there is one)
-    python -m bench.run_all --device cuda     # on a GPU machine
+    python -m bench.run_all --device cuda     # on a GPU machine: docs/benchmarks_gpu.md
     make bench
 
 The document is generated, never edited by hand: it carries the machine, the command and the date, and
@@ -21,8 +21,32 @@ from typing import Any, Sequence
 
 from bench import common
 
-BENCHES = ("throughput", "prune_overhead", "study_overhead", "memory")
+BENCHES = ("throughput", "prune_overhead", "study_overhead", "memory", "profile", "small_model")
+CPU_BENCHES = ("throughput", "prune_overhead", "study_overhead", "memory")
+GPU_BENCHES = ("throughput", "profile", "small_model")  # the study overhead needs Ray: measured on the CPU
 DOC = common.REPO / "docs" / "benchmarks.md"
+GPU_DOC = common.REPO / "docs" / "benchmarks_gpu.md"
+
+
+def provenance(device: str) -> list[str]:
+    """The commit, and on CUDA the driver and CUDA versions, for the document's header."""
+    import subprocess
+
+    import torch
+
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=common.REPO).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = os.environ.get("BENCH_COMMIT") or out(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    lines = [f"commit: {commit}"]
+    if device == "cuda":
+        driver = out(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "unknown"
+        lines.append(f"NVIDIA driver {driver}, CUDA {torch.version.cuda} (torch's build), cuDNN "
+                     f"{torch.backends.cudnn.version()}")
+    return lines
 
 
 def load_average() -> str:
@@ -45,8 +69,8 @@ def render_markdown(tables: Sequence[common.Table], machine: common.Machine, com
         f"- command: `{command}`",
         f"- machine: {machine.line()}",
         *[f"- {e}" for e in extra],
-        "- on a GPU machine: `python -m bench.run_all --device cuda` (bf16 + channels_last, batch 256, "
-        "torch.compile rows)",
+        "- on a GPU machine: `python -m bench.run_all --device cuda` (bf16 + channels_last, the step replayed as "
+        "a CUDA graph, batch 256 and 1024, a torch.compile row) writes docs/benchmarks_gpu.md",
         "",
     ]
     for t in tables:
@@ -57,22 +81,28 @@ def render_markdown(tables: Sequence[common.Table], machine: common.Machine, com
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHES)} (default: "
+                   f"{', '.join(CPU_BENCHES)} on a CPU; {', '.join(GPU_BENCHES)} on CUDA)")
+    p.add_argument("--data-root", default="data", help="Fashion-MNIST's folder for the small-model benchmark "
+                   "(Debian's dataset-fashion-mnist is found without it)")
     p.add_argument("--archs", default="resnet18,vgg16_bn")
     p.add_argument("--trials", type=int, default=0,
                    help="trials of the study-overhead benchmark (default: the quickstart's 8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (CUDA)")
-    p.add_argument("--out", default=str(DOC), help="markdown file to write ('' = do not write)")
+    p.add_argument("--out", default=None, help="markdown file to write ('' = do not write; default "
+                   "docs/benchmarks.md, or docs/benchmarks_gpu.md on CUDA)")
     p.add_argument("--keep", action="store_true",
                    help="re-render the benchmarks left out of --only from the raw results of the last run "
                         "(<out>.json, same machine), each table marked with the date it was measured")
     args = p.parse_args(argv)
 
-    from bench import memory, prune_overhead, study_overhead, throughput
+    from bench import memory, profile_step, prune_overhead, small_model, study_overhead, throughput
 
     device = common.resolve_device(args.device)
     archs = args.archs.split(",")
-    only = [b for b in args.only.split(",") if b]
+    only = [b for b in args.only.split(",") if b] or list(GPU_BENCHES if device == "cuda" else CPU_BENCHES)
+    if args.out is None:
+        args.out = str(GPU_DOC if device == "cuda" else DOC)
     unknown = set(only) - set(BENCHES)
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; valid: {', '.join(BENCHES)}")
@@ -99,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "throughput" in only:
         print("[bench] 1. PGD-10 throughput", flush=True)
-        specs = throughput.default_specs(device, archs, ["prune", "finetune"] if device == "cuda" else ["prune"],
-                                         device == "cuda" and not args.no_compile)
+        specs = (throughput.gpu_specs(archs, not args.no_compile) if device == "cuda"
+                 else throughput.default_specs(device, archs, ["prune"], False))
         raw["throughput"] = throughput.run(specs, log)
     if "prune_overhead" in only:
         print("[bench] 2. pruning-layer overhead", flush=True)
@@ -111,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in only:
         print("[bench] 4. peak memory", flush=True)
         raw["memory"] = memory.run(device, archs, log=log)
+    if "profile" in only:
+        print("[bench] 5. where a step's GPU time goes", flush=True)
+        raw["profile"] = profile_step.run(log=log)
+    if "small_model" in only:
+        print("[bench] 6. a small model's epoch, one GPU shared", flush=True)
+        raw["small_model"] = (small_model.run(device, args.data_root, [1, 4], [256], [True], log=log)
+                              + small_model.run(device, args.data_root, [1], [256], [False], log=log))
 
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     dates = {b: now for b in only}
@@ -118,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = {b: f"load average before {load_before}, after {load_after}" for b in only}
     tables: list[common.Table] = []
     makers = {"throughput": throughput.table, "prune_overhead": prune_overhead.table,
-              "study_overhead": study_overhead.table, "memory": memory.table}
+              "study_overhead": study_overhead.table, "memory": memory.table, "profile": profile_step.table,
+              "small_model": small_model.table}
     for b in BENCHES:
         if b in raw:
             tables.append(makers[b](raw[b], machine))
@@ -133,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.run_all" + ("" if argv is None and len(sys.argv) <= 1 else
                                            " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    extra = [f"load average (1/5/15 min) before: {load_before}, after: {load_after} "
+    extra = [*provenance(device), f"load average (1/5/15 min) before: {load_before}, after: {load_after} "
              "(other processes on the machine make absolute times noisy; interleaved repeats keep ratios fair)",
              f"wall time of the whole run: {elapsed / 60:.1f} min"]
     text = render_markdown(tables, machine, command, date, extra)

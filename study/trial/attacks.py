@@ -52,11 +52,32 @@ def _step(t: float, w: float) -> float:
 
 @dataclass(frozen=True)
 class AttackStrength:
-    """The attack at one point of training: Linf radius, steps and absolute step size."""
+    """The attack at one point of training: Linf radius, steps and absolute step size.
 
-    eps: float
+    eps and step_size are floats, or 0-d device tensors in a step replayed as a CUDA graph
+    (study.trial.graphed), whose values are filled in before each replay."""
+
+    eps: float | torch.Tensor
     steps: int
-    step_size: float
+    step_size: float | torch.Tensor
+
+
+class PresetNoise:
+    """Random-start noise drawn ahead of time, handed to `pgd_linf` in place of a generator.
+
+    A captured CUDA graph cannot draw from the trial's generator; the graphed step fills `tensor` from it
+    before each replay (the values `torch.rand` would have drawn) and counts the draws while capturing.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.draws = 0
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.tensor.shape:
+            raise ValueError(f"preset noise of shape {tuple(self.tensor.shape)} for inputs {tuple(x.shape)}")
+        self.draws += 1
+        return self.tensor.to(x.dtype)
 
 
 def relative_step_size(cfg: AttackConfig) -> float:
@@ -95,19 +116,23 @@ def pgd_linf(
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     random_start: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | PresetNoise | None = None,
 ) -> torch.Tensor:
     """Linf PGD (Madry et al.): adversarial images in the eps-ball around x and inside [0, 1].
 
     `loss_fn(logits, y)` is maximised (default: cross-entropy). Gradients are taken w.r.t. the input only.
+    The random start is uniform in the ball, drawn from `generator` (or taken from a `PresetNoise`).
     """
     eps, alpha = strength.eps, strength.step_size
     x = x.detach()
-    if eps <= 0:
+    if not torch.is_tensor(eps) and eps <= 0:  # a tensor eps (graph replay) is never 0: see study.trial.graphed
         return x.clone()
     loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target))
     if random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if isinstance(generator, PresetNoise):
+            noise = generator.take(x)
+        else:
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         delta = (2 * noise - 1) * eps
     else:
         delta = torch.zeros_like(x)

@@ -129,6 +129,7 @@ class TrialConfig:
     # bf16: autocast to bfloat16 on the trial's device (CUDA or CPU); auto: bf16 on CUDA, fp32 on CPU
     precision: str = field(default="auto", metadata=one_of("auto", "fp32", "bf16"))
     compile: bool = False  # torch.compile the training step (CUDA, or CPU: inductor needs a C++ compiler)
+    cuda_graphs: bool = True  # on CUDA, replay each stage's training step as a CUDA graph (study.trial.graphed)
     output_dir: str = "runs/trials"  # where `study trial` writes result JSON and exported weights
     cache_dir: str = "runs/pretrained"  # dense checkpoints, keyed by pretrain_key()
     pretrained: str = ""  # a checkpoint to load instead of pre-training

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from study.trial.attacks import AttackStrength
+from study.trial.graphed import EagerStep
 from study.trial.losses import Loss
 from study.trial.pruning import masked_layers
 
@@ -33,9 +34,10 @@ class Runtime:
     bf16: bool  # autocast to bfloat16 (on the runtime's device: CUDA or CPU)
     channels_last: bool
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
+        """bf16 autocast when asked; `cache=False` inside a CUDA graph capture (torch's rule for graphs)."""
         if self.bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +122,7 @@ def train_epoch(
     after_step: Callable[[], None] | None = None,
     *,
     first_step: int = 0,
+    step_fn: EagerStep | None = None,
 ) -> dict[str, float]:
     """One epoch of robust training; returns mean loss and accuracy (on the examples trained on).
 
@@ -129,6 +132,7 @@ def train_epoch(
     schedule's value at the end of the epoch; mid warm-up the epoch trained at eps up to that value).
     """
     schedule = strength if callable(strength) else (lambda step, fixed=strength: fixed)
+    step_fn = step_fn or EagerStep(model, loss_fn, runtime, generator)
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
@@ -137,11 +141,7 @@ def train_epoch(
     current = schedule(step)
     for x, y in batches:
         current = schedule(step)  # host arithmetic only: no sync
-        x = runtime.prepare(x)
-        with runtime.autocast():
-            loss, logits = loss_fn(model, x, y, current, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logits = step_fn(runtime.prepare(x), y, current)
         optimizer.step()
         scheduler.step()
         if after_step is not None:

@@ -31,6 +31,7 @@ from study.trial.data import Splits, batches, load_dataset
 from study.trial.engine import (CompiledStep, Runtime, TrialFailed, make_optimizer, make_scheduler, resolve_runtime,
                                 train_epoch)
 from study.trial.evaluation import evaluate, relative_step
+from study.trial.graphed import make_step
 from study.trial.losses import make_loss
 from study.trial.models import create_model
 
@@ -124,13 +125,14 @@ def _train_stage(
         first = resume["epoch"] + 1
     # Compiled when asked (CUDA or CPU); the uncompiled module (same parameters) is what is saved and evaluated.
     fast = CompiledStep(model) if cfg.compile else model
+    step_fn = make_step(fast, loss_fn, ctx.runtime, ctx.generator, cuda_graphs=cfg.cuda_graphs)
     history = []
     for epoch in range(first, stage.epochs + 1):
         t0 = time.perf_counter()
         data = batches(sp.x_train, sp.y_train, cfg.data.batch_size, shuffle=True, generator=ctx.generator,
                        augment=cfg.data.augment and sp.info.augment)
         metrics = train_epoch(fast, data, loss_fn, optimizer, scheduler, schedule, ctx.runtime, ctx.generator,
-                              after_step, first_step=(epoch - 1) * steps_per_epoch)
+                              after_step, first_step=(epoch - 1) * steps_per_epoch, step_fn=step_fn)
         val = evaluate(model, sp.x_val, sp.y_val, eps=cfg.eval_eps, steps=cfg.eval.val_steps,
                        step_size=cfg.eval.step_size, points=cfg.eval.val_points, seed=cfg.eval.seed,
                        batch_size=cfg.data.eval_batch_size)
