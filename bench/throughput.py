@@ -325,7 +325,8 @@ def table(results: list[dict[str, Any]], machine: common.Machine) -> common.Tabl
         f"TFLOP/s = images/s x (2K+3) F with K={STEPS} and F per image from torch's FLOP counter ("
         + ", ".join(f"{a} {f / 1e9:.2f} GFLOP" for a, f in flops.items())
         + f"); measured {machine.matmul_dtype} matmul rate {machine.matmul_tflops:.3g} TFLOP/s.",
-        f"Each row: one process; per loop {first['warmup']} warm-up repeat(s) with a 1-step attack, then the "
+        f"Each row: one process; per loop {first['warmup']} warm-up repeat(s) with a 1-step attack (the CUDA-graph "
+        "and compiled loops: with the timed attack, which the graph is captured on), then the "
         f"median of the row's timed repeats ({repeats_text}) "
         f"of {first['batches_per_repeat']} step(s), the loops' repeats interleaved. Each ratio holds for its row's batch size.",
         target + ".",

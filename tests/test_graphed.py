@@ -156,6 +156,35 @@ def test_a_failed_capture_falls_back_to_eager_with_one_warning(caplog):
     assert_same(te, tg)
 
 
+def test_a_compiled_model_is_not_recompiled_by_the_capture():
+    """The warm-up steps run under the capture's autocast settings (no cast cache): torch.compile guards on
+    them, and a recompile inside a CUDA graph capture breaks it (inductor draws random numbers there)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(len(compiles))
+        return gm.forward
+
+    model, hook = staged("finetune")
+    bf16 = Runtime(device=torch.device("cpu"), bf16=True, channels_last=False)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    step = GraphedStep(compiled, make_loss("pgd"), bf16, torch.Generator().manual_seed(7), warmup=2,
+                       graph_factory=EmulatedGraph)
+    data = batches(5, last=8)
+    for i, (x, y) in enumerate(data[:2]):  # warm-up: every graph the step needs is compiled here
+        step(x, y, schedule(i))
+    after_warmup = len(compiles)
+    assert after_warmup > 0
+    for i, (x, y) in enumerate(data[2:], start=2):
+        step(x, y, schedule(i))
+    assert step.graph is not None and step.replays == 3
+    assert len(compiles) == after_warmup, "the capture (or a replay) compiled again"
+    torch._dynamo.reset()
+
+
 def test_preset_noise_is_what_the_eager_attack_draws():
     """The graphed step fills its noise with uniform_ from the generator; the eager attack calls torch.rand."""
     x = torch.rand(4, 1, 8, 8)

@@ -41,11 +41,12 @@ class EagerStep:
         self.model, self.loss_fn, self.runtime, self.generator = model, loss_fn, runtime, generator
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.replays = 0  # steps that ran as a graph replay (0 here)
+        self.cast_cache = True  # autocast's cache of weight casts (off in a graphed step's every step)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, strength: AttackStrength) -> StepOutput:
         for p in self.params:
             p.grad = None
-        with self.runtime.autocast():
+        with self.runtime.autocast(cache=self.cast_cache):
             loss, logits = self.loss_fn(self.model, x, y, strength, self.generator)
         loss.backward()
         return loss, logits
@@ -112,6 +113,10 @@ class GraphedStep(EagerStep):
         self.failed = False
         self.eager_steps = 0
         self._cuda = runtime.device.type == "cuda" and graph_factory is None
+        # The eager steps run under the capture's autocast settings: torch.compile guards on them, and a model
+        # compiled under other settings would recompile inside the capture (inductor's autotuning draws random
+        # numbers there, which breaks the capture and leaves CUDA's generator unusable: seen on an H200).
+        self.cast_cache = False
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, strength: AttackStrength) -> StepOutput:
         if self.failed or not self._replayable(x, strength):
@@ -162,7 +167,7 @@ class GraphedStep(EagerStep):
         static = AttackStrength(eps=self.eps, steps=strength.steps, step_size=self.step_size)
 
         def body() -> StepOutput:
-            with self.runtime.autocast(cache=False):  # autocast's cast cache must stay out of a graph
+            with self.runtime.autocast(cache=self.cast_cache):  # off: autocast's cast cache must stay out of a graph
                 loss, logits = self.loss_fn(self.model, self.static_x, self.static_y, static, self.noise)
             loss.backward()
             return loss.detach(), logits.detach()
