@@ -40,7 +40,7 @@ def _open(uri: str, go: threading.Event, state: dict) -> None:
             state["imported"].set()
         go.wait()
         if not state.get("cancelled"):
-            MlflowClient(tracking_uri=uri)._tracking_client.store  # noqa: B018 - cached per URI by MLflow
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # opens (creates) the store: cached per URI
     except Exception:  # noqa: BLE001 - reported by the real call
         pass
 
