@@ -402,9 +402,9 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
 
     paths, manifest, space = _open(name, runs_dir)
     paths.check_storage_here(manifest.storage)
-    check_resumable(manifest.storage, name, _trial_numbers(paths))
     lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()
+    check_resumable(manifest.storage, name, _trial_numbers(paths))
     startup.check(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
     early = startup.EarlyStart(space, paths, pretrain, address, num_cpus, manifest.tracking_uri,
                                trials_left=_trials_left(manifest.storage, name, space.study.n_trials))

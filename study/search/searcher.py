@@ -30,8 +30,8 @@ from study.search.space import SearchSpace
 log = logging.getLogger("study.search")
 
 STOPPED = "stopped by Tune before its final report (a scheduler or a stopper)"
-DIED = ("its worker process died more often than study.max_failures allows (killed, out of memory?); "
-        "see Tune's error file in the trial's Tune folder")
+DIED = ("it ended outside the trial's own code more often than study.max_failures allows (its worker process "
+        "died: killed, out of memory?); see Tune's error file in the trial's Tune folder")
 
 
 class StudySearch(Searcher):

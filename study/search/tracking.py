@@ -291,8 +291,8 @@ class MlflowTrialCallback(Callback):
     """Tune callback: a nested MLflow run per trial, one log_batch per reported epoch.
 
     `trial_config(config)` maps a Tune trial config to its TrialConfig (flat params + JSON artifact);
-    `link(number, run_id)` records the run id with the Optuna trial (both picklable: this callback is
-    pickled with the Tuner and restored on resume). `parent_run_id`: the id, or what returns it once the
+    `link(number, run_id)` records the run id with the Optuna trial (both picklable: Tune pickles this
+    callback with the Tuner into its scratch folder, which nothing reads back). `parent_run_id`: the id, or what returns it once the
     run is open (study.search.warmup.ParentRun).
     """
 
