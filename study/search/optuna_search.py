@@ -93,13 +93,6 @@ def link_mlflow_run(storage_url: str, study_name: str, number: int, run_id: str)
         log.warning("could not link MLflow run %s to Optuna trial %d: %s", run_id, number, e)
 
 
-def searcher_class() -> type:
-    """StudySearch (study.search.searcher), imported on first use: importing Ray Tune costs seconds."""
-    from study.search.searcher import StudySearch
-
-    return StudySearch
-
-
 def set_user_attrs(storage: Any, study_name: str, number: int, attrs: dict[str, Any]) -> None:
     """User attributes of Optuna trial `number` (before it is told), through the storage's public API."""
     study_id = storage.get_study_id_from_name(study_name)
