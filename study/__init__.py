@@ -5,8 +5,4 @@
     study.robustness   the robustness evaluation suite (`study evaluate`)
     study.cli          the one command line (argparse)
 """
-from study import _legacy
-
 __version__ = "0.1.0"
-
-_legacy.install()  # old module paths (study.runner, study.space, ...) for studies of the previous layout

@@ -12,6 +12,7 @@ No imports beyond the standard library: every layer may use it.
 from __future__ import annotations
 
 NUMBER_KEY = "optuna_trial_number"  # Tune trial config key and MLflow run tag: survives a resume
+FAIL_KEY = "fail_reason"  # a failed trial's reason: in its last Tune report, final.json, Optuna and MLflow
 NODE_KEY = "ray_node_id"  # the Ray node that trained the trial (final report, final.json, Optuna user attr)
 STUDY_TAG = "study"
 ROLE_TAG = "run_role"  # "study" on the parent run, "trial" on a nested one

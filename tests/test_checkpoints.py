@@ -1,7 +1,7 @@
-"""Resume checkpoints by time (study.checkpoint_every_s):
-a trial checkpoints at the first epoch end `checkpoint_every_s` after its previous checkpoint (0 = every
-epoch); Tune still snapshots its experiment at every controller step (a throttled snapshot lost a trial on resume);
-Tune's TensorBoard logger is off, its JSON and CSV loggers stay."""
+"""Resume checkpoints by time (study.checkpoint_every_s): a trial writes trials/<number>/checkpoint.pt at the
+first epoch end `checkpoint_every_s` after its previous checkpoint (0 = every epoch), atomically, and removes it
+when it ends (final.json then says it is done). Tune keeps no checkpoint of its own; its TensorBoard logger
+is off, its JSON and CSV loggers stay."""
 from __future__ import annotations
 
 import sys
@@ -38,21 +38,63 @@ def test_the_default_interval():
     assert load_space(QUICKSTART).study.checkpoint_every_s == 60
 
 
-def _checkpoints(root):
-    return sorted(p.name for p in (root / "quickstart" / "tune").rglob("checkpoint_*") if p.is_dir())
+def checkpoint_watching_trial(cfg, *, on_epoch=None, resume_state=None, log):
+    """fake_run_trial, appending after each epoch's report whether the trial's checkpoint file exists."""
+    from pathlib import Path
+
+    folder = Path(cfg.output_dir) / cfg.name.rsplit("-", 1)[1]
+
+    def watched(report):
+        on_epoch(report)
+        with open(log, "a") as f:
+            f.write(f"{report.step} {(folder / 'checkpoint.pt').is_file()}\n")
+
+    return fake_run_trial(cfg, on_epoch=watched, resume_state=resume_state)
 
 
-@pytest.mark.parametrize("every_s, expected", [(60, 0), (0, 2)])  # fake trials: 2 epochs in well under a minute
+@pytest.mark.parametrize("every_s, expected", [(60, ["1 False", "2 False"]), (0, ["1 True", "2 True"])])
 def test_a_trial_checkpoints_by_time(tmp_path, every_s, expected):
-    runs = tmp_path / "runs"
+    import functools
+
+    runs, log = tmp_path / "runs", tmp_path / "epochs.txt"
     space = load_space(QUICKSTART, {"study.n_trials": 1, "study.max_concurrent": 1,
                                     "study.checkpoint_every_s": every_s})
     outcome = runner.run_study(space, runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
-                               run_trial=fake_run_trial)
+                               run_trial=functools.partial(checkpoint_watching_trial, log=str(log)))
     assert outcome.complete == 1
-    assert len(_checkpoints(runs)) == expected  # Tune keeps two: both epochs' when every epoch checkpoints
+    assert log.read_text().split("\n")[:-1] == expected  # fake trials: 2 epochs in well under a minute
+    folder = runs / "quickstart" / "trials" / "0000"
+    assert (folder / "final.json").is_file() and not (folder / "checkpoint.pt").exists()  # removed at the end
+    assert not list((runs / "quickstart" / "tune").rglob("checkpoint_*"))  # Tune keeps none of its own
     trial_dirs = [p for p in (runs / "quickstart" / "tune").rglob("trial_0000_*") if p.is_dir()]
     assert len(trial_dirs) == 1
     names = {p.name for p in trial_dirs[0].iterdir()}
     assert {"result.json", "progress.csv"} <= names  # what `tune` and ExperimentAnalysis read
     assert not any(n.startswith("events.out.tfevents") for n in names)  # no TensorBoard logger
+
+
+def test_the_checkpoint_is_replaced_atomically_and_loaded_weights_only(tmp_path):
+    """TrialFiles: a checkpoint is written beside its final name and renamed over it; one that carries code
+    (a pickled global) or is damaged is never unpickled: the trial starts over."""
+    import pickle
+
+    import torch
+
+    from study.search.trainable import TrialFiles
+
+    files = TrialFiles(str(tmp_path), 7)
+    assert files.checkpoint() is None
+    files.save_checkpoint({"step": 3, "model": {"w": torch.ones(2)}})
+    assert [p.name for p in files.local.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+    state = files.checkpoint()
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    marker = tmp_path / "ran"
+
+    class Code:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for blob in (pickle.dumps({"step": 1, "x": Code()}), b"", b"\x80\x04garbage"):
+        (files.local / "checkpoint.pt").write_bytes(blob)
+        assert files.checkpoint() is None
+    assert not marker.exists()

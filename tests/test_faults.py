@@ -1,8 +1,10 @@
 """Fault tolerance with real SIGKILLs, on a Ray cluster started with `ray start --head` (one node, 2 CPUs).
 
-1. A trial's worker process kills itself (SIGKILL) in the middle of training, once: Tune (FailureConfig
-   max_failures=1) restarts it from its last epoch checkpoint (model with its pruning scores and mask,
-   optimizer, LR schedule position, RNG) and the study ends with the requested number of COMPLETE trials.
+1. A trial's worker process kills itself (SIGKILL) in the middle of training, once, under the default
+   study.max_failures: Tune reruns it (the same Tune trial, the same Optuna number) and it continues from its
+   last checkpoint, trials/<number>/checkpoint.pt (model with its pruning scores and mask, optimizer, LR
+   schedule position, RNG). Beside it a trial that raises is failed once, with its real reason, and never
+   rerun: the trainable records its own errors, so Tune's retry sees only the dead worker.
 2. The driver (`study run`) is killed with SIGKILL after its first trial completed: `study resume`
    finishes the study, with no trial lost or counted twice in Optuna or MLflow.
 
@@ -49,10 +51,11 @@ def cluster():
 # --- 1. a trial's worker process killed mid-training ------------------------------------------------------
 
 
-def killing_trial(cfg, *, on_epoch=None, resume_state=None, victim: int, after_step: int, marker: str, log: str):
+def killing_trial(cfg, *, on_epoch=None, resume_state=None, victim: int, after_step: int, marker: str, log: str,
+                  raiser: int = -1):
     """The real pipeline; Optuna trial `victim` SIGKILLs its own process (once: `marker`) while it trains the
-    epoch after step `after_step`, i.e. after that step's checkpoint was reported. Every start appends a
-    line to `log`: number, pid and what the resume state held."""
+    epoch after step `after_step`, i.e. after that step's checkpoint was written; trial `raiser` raises
+    after its first epoch. Every start appends a line to `log`: number, pid and what the resume state held."""
     from study.trial import pipeline
 
     number = int(cfg.name.rsplit("-", 1)[1])
@@ -64,9 +67,12 @@ def killing_trial(cfg, *, on_epoch=None, resume_state=None, victim: int, after_s
                             "masks": any(k.endswith("mask") for k in state.get("model", {}))}) + "\n")
 
     def hook(report):
+        if number == raiser:
+            on_epoch(report)
+            raise RuntimeError(f"planted failure in trial {number}")
         if number == victim and report.step == after_step + 1 and not os.path.exists(marker):
-            # The checkpoint of `after_step` went to Tune one epoch (plus this pause) ago: time enough for
-            # the driver to register it. Die before reporting this epoch: its training is lost.
+            # The checkpoint of `after_step` is on disk (on_epoch wrote it); its report went to Tune one epoch
+            # (plus this pause) ago, time enough for the driver to log it. Die before reporting this epoch.
             time.sleep(2.0)
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
@@ -84,7 +90,7 @@ def drive_with_a_killed_trial(space_file: str, runs: str, address: str, marker: 
     from study.search.space import load_space
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    trial = functools.partial(killing_trial, victim=0, after_step=2, marker=marker, log=log)
+    trial = functools.partial(killing_trial, victim=0, after_step=2, marker=marker, log=log, raiser=1)
     outcome = runner.run_study(load_space(space_file), runs_dir=runs, address=address, run_trial=trial)
     sys.exit(0 if outcome.status == "complete" else 3)
 
@@ -94,20 +100,22 @@ def _python(code: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, cluster):
+def test_killed_worker_reruns_from_its_checkpoint_and_a_raising_trial_fails_once(tmp_path, cluster):
+    from optuna.trial import TrialState
+
     t0 = time.perf_counter()
     runs, marker, log = tmp_path / "runs", tmp_path / "killed.pid", tmp_path / "starts.jsonl"
-    space = write_space(tmp_path / "tiny.yaml", "workerkill", n_trials=2, max_concurrent=2, max_failures=1)
+    space = write_space(tmp_path / "tiny.yaml", "workerkill", n_trials=3, max_concurrent=2, max_failures=None)
     args = ", ".join(repr(str(a)) for a in (space, runs, cluster.address, marker, log))
     driver_log = tmp_path / "driver.log"
     driver = cluster.popen(_python(f"import test_faults; test_faults.drive_with_a_killed_trial({args})"), driver_log)
-    rc = driver.wait(timeout=300)
+    rc = driver.wait(timeout=420)
     assert rc == 0, tail(driver_log)
     assert marker.exists(), "the trial was never killed"
 
     starts = [json.loads(line) for line in log.read_text().splitlines()]
     victim = [s for s in starts if s["number"] == 0]
-    assert len(victim) == 2, starts  # killed once, restarted once
+    assert len(victim) == 2, starts  # killed once, rerun once (the default max_failures)
     first, again = victim
     assert first["step"] == 0 and first["pid"] == int(marker.read_text())
     assert again["pid"] != first["pid"]  # a new worker process ...
@@ -115,27 +123,42 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, cluster):
     assert (again["step"], again["stage"], again["epoch"]) == (2, "prune", 2), again
     assert {"model", "optimizer", "scheduler", "generator", "stage", "epoch", "step"} <= set(again["keys"])
     assert again["scores"] and again["masks"]  # the pruning scores and mask travel with the model
-    assert [s["step"] for s in starts if s["number"] == 1] == [0]  # the other trial was not disturbed
+    assert [s["step"] for s in starts if s["number"] == 1] == [0]  # the raising trial ran once, never retried
+    assert [s["step"] for s in starts if s["number"] == 2] == [0]  # the other trial was not disturbed
 
-    # Optuna: exactly 2 COMPLETE; MLflow: one run per trial, train_loss once per epoch (1, 2, 3) despite the
-    # restart; both agree with final.json in the runs folder
-    check_records(runs, "workerkill", 2, epochs=3)
-    client, _, mruns = mlflow_runs(runs, "workerkill")
-    run0 = next(r for r in mruns if r.data.tags["optuna_trial_number"] == "0")
-    assert [m.step for m in client.get_metric_history(run0.info.run_id, "step")] == [1, 2, 3, 4]  # 4 = final
-    # Tune recorded the failure and the restart of that trial
+    trials = {t.number: t for t in optuna_trials(runs, "workerkill")}
+    assert [trials[n].state for n in range(3)] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    reason = "the trial raised RuntimeError: planted failure in trial 1"
+    assert trials[1].user_attrs["fail_reason"] == reason  # the real reason, not "the trial raised"
+    final = json.loads((runs / "workerkill" / "trials" / "0001" / "final.json").read_text())
+    assert final["fail_reason"] == reason
+    assert not list((runs / "workerkill" / "trials").glob("*/checkpoint.pt"))  # removed when each trial ended
+    client, parents, mruns = mlflow_runs(runs, "workerkill")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_number = {int(r.data.tags["optuna_trial_number"]): r for r in mruns}
+    assert sorted(by_number) == [0, 1, 2]
+    assert by_number[1].info.status == "FAILED" and by_number[1].data.tags["fail_reason"] == reason
+    for n in (0, 2):
+        run, t = by_number[n], trials[n]
+        assert run.info.status == "FINISHED" and t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.metrics["val_robust_acc"] == pytest.approx(t.values[1])
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == [1, 2, 3]  # once per epoch despite the rerun
+    # the rerun trial logged steps 1, 2, 3 and 4 (final) once each
+    assert [m.step for m in client.get_metric_history(by_number[0].info.run_id, "step")] == [1, 2, 3, 4]
+    # Tune recorded the failure and the rerun of that trial
     text = driver_log.read_text(errors="replace")
     assert "trial_0000 errored" in text or "Trial trial_0000 errored" in text, tail(driver_log)
-    print(f"\n[faults] killed-trial study in {time.perf_counter() - t0:.1f}s")
+    print(f"\n[faults] killed-worker study in {time.perf_counter() - t0:.1f}s")
 
 
 # --- 2. the driver killed mid-study ------------------------------------------------------------------------
 
 
 def _training(study_dir: Path) -> list[str]:
-    """Tune trials with an epoch checkpoint and no final result yet (killing the driver now loses work)."""
-    return [d.name for d in (study_dir / "tune" / study_dir.name).glob("trial_*")
-            if list(d.glob("checkpoint_*")) and not (study_dir / "trials" / d.name[6:10] / "final.json").exists()]
+    """Trials with an epoch checkpoint and no final result yet (killing the driver now loses work)."""
+    return [d.name for d in (study_dir / "trials").glob("*")
+            if (d / "checkpoint.pt").exists() and not (d / "final.json").exists()]
 
 
 @pytest.mark.slow
@@ -181,7 +204,7 @@ def test_killed_driver_is_resumed_without_duplicates(tmp_path, cluster):
                                      cluster.address), resume_log)
     rc = resume.wait(timeout=300)
     assert rc == 0, tail(resume_log)
-    assert "restoring the Tune experiment" in resume_log.read_text()
+    assert "resuming study 'driverkill' from its Optuna storage" in resume_log.read_text()
 
     trials, mruns = check_records(runs, "driverkill", n, epochs=3)
     # the trials finished before the kill were neither rerun as new Optuna trials nor logged twice

@@ -1,12 +1,13 @@
 """A study written by the previous release still resumes.
 
-tests/data/legacy_study_2d898db.tar.gz is an interrupted study made by commit 2d898db (module layout
-study.search.runner, study.search.space, study.search.tracking, study.search.trainable, ...) with the fake trial of conftest: 1 of 4
-trials done, one running with an epoch checkpoint. Tune pickled its searcher, callback and trainable
-arguments by module path, so resuming it loads the old module names (study._legacy maps them).
+tests/data/legacy_study_2d898db.tar.gz is an interrupted study made by commit 2d898db with the fake trial of
+conftest: 1 of 4 trials done, one RUNNING with an epoch checkpoint in Tune's folder. What counts of it is
+its Optuna storage and its trial folders: the resume reads neither Tune's pickles (which name modules that no
+longer exist) nor its checkpoints, and the RUNNING trial starts over under its own number.
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tarfile
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import DATA, fake_pretrain, fake_run_trial, mlflow_trial_runs
+from conftest import DATA, fake_pretrain, fake_run_trial, logging_trial, mlflow_trial_runs
 from optuna.trial import TrialState
 
 ARCHIVE = DATA / "legacy_study_2d898db.tar.gz"
@@ -55,12 +56,18 @@ def test_a_study_of_the_previous_layout_resumes_to_exactly_n_trials(legacy_root)
     before = optuna.load_study(study_name="legacy", storage=manifest["storage"]).get_trials()
     assert [t.state for t in before].count(TrialState.COMPLETE) == 1
 
-    outcome = resume_study("legacy", runs_dir=runs, run_trial=fake_run_trial, pretrain=fake_pretrain)
+    log = legacy_root / "starts.txt"
+    outcome = resume_study("legacy", runs_dir=runs, pretrain=fake_pretrain,
+                           run_trial=functools.partial(logging_trial, log=str(log), inner=fake_run_trial))
 
     assert outcome.status == "complete"
     trials = optuna.load_study(study_name="legacy", storage=manifest["storage"]).get_trials()
     assert len(trials) == 4 and {t.state for t in trials} == {TrialState.COMPLETE}
     assert trials[0].values == before[0].values  # the finished trial was not run again
+    running = [t.number for t in before if t.state == TrialState.RUNNING]
+    starts = log.read_text().splitlines()
+    assert sorted(starts) == sorted(f"legacy-{n:04d} 0" for n in range(1, 4)), starts  # started over, once each
+    assert running and all(f"legacy-{n:04d} 0" in starts for n in running)
     _, runs_by_number = mlflow_trial_runs(runs, "legacy")
     assert sorted(runs_by_number) == [0, 1, 2, 3]  # one MLflow run per trial, none duplicated
     assert {r.info.status for r in runs_by_number.values()} == {"FINISHED"}

@@ -60,11 +60,14 @@ search:
 """
 
 
-def write_space(path: Path, name: str, n_trials: int, max_concurrent: int = 2, max_failures: int = 0,
+def write_space(path: Path, name: str, n_trials: int, max_concurrent: int = 2, max_failures: int | None = 0,
                 train_limit: int = 256, prune_epochs: int = 2) -> Path:
-    path.write_text(TINY_SPACE.format(name=name, n_trials=n_trials, max_concurrent=max_concurrent,
-                                      max_failures=max_failures, train_limit=train_limit,
-                                      prune_epochs=prune_epochs))
+    """TINY_SPACE; `max_failures=None` leaves the key out (the study's default)."""
+    text = TINY_SPACE.format(name=name, n_trials=n_trials, max_concurrent=max_concurrent, max_failures=max_failures,
+                             train_limit=train_limit, prune_epochs=prune_epochs)
+    if max_failures is None:
+        text = "\n".join(line for line in text.split("\n") if not line.startswith("  max_failures:"))
+    path.write_text(text)
     return path
 
 

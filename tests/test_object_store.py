@@ -285,7 +285,7 @@ def test_object_store_study_on_two_nodes_survives_a_killed_driver_and_a_new_clus
                            resume_log).wait(timeout=300)
         assert rc == 0, tail(resume_log)
         text = resume_log.read_text()
-        assert f"restoring the Tune experiment {runs}/{name}/tune/{name}" in text, tail(resume_log)
+        assert f"resuming study '{name}' from its Optuna storage: " in text, tail(resume_log)
         # the dense model is in the bucket: the resuming driver finds it there and pretrains nothing
         assert f"dense model found in the cache: {runs}/{name}/pretrained/" in text, tail(resume_log)
         assert "pretraining the dense model" not in text

@@ -117,26 +117,21 @@ def test_every_sampler_runs_the_conditional_space(sampler):
 
     space = load_space(ROOT / "search_spaces" / "quickstart.yaml",
                        {"study.sampler": sampler, "study.sampler_options": None})
-    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(space))
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=make_sampler(space), storage=storage)
     for i in range(12):
         trial = study.ask()
         values = space.suggest(trial)
         keep = values["prune.keep_fraction"]
         study.tell(trial, [keep * 1000, 0.5 + 0.4 * keep ** 0.5 - 0.01 * values["attack.steps"]])
     assert len(study.best_trials) >= 1
-    # Tune pickles the searcher with its sampler at every snapshot (Optuna 5.1's GA samplers hold a lock)
-    import pickle
-
-    from ray import cloudpickle
-
-    for dumps in (pickle.dumps, cloudpickle.dumps):
-        restored = pickle.loads(dumps(study.sampler))
-        assert type(restored) is type(study.sampler)
-        again = optuna.load_study(study_name=study.study_name, storage=study._storage, sampler=restored)
-        for _ in range(4):  # the restored sampler (new locks) goes on sampling the same study
-            trial = again.ask()
-            space.suggest(trial)
-            again.tell(trial, [1.0, 0.5])
+    # a resumed study's sampler (another seed: study.search.searcher) goes on sampling the same study
+    again = optuna.load_study(study_name=study.study_name, storage=storage,
+                              sampler=make_sampler(space, seed_offset=len(study.trials)))
+    for _ in range(4):
+        trial = again.ask()
+        space.suggest(trial)
+        again.tell(trial, [1.0, 0.5])
     if sampler == "nsga2":  # the generation key keeps the sampler's own name
         assert all("NSGAIISampler:generation" in t.system_attrs for t in study.trials)
 

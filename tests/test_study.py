@@ -113,7 +113,12 @@ def test_failing_and_nan_trials_are_failed_and_the_study_completes(tmp_path):
     outcome = _run(tmp_path, _space(n_trials=4), run_trial=trial)
     assert outcome.status == "complete" and (outcome.complete, outcome.failed) == (2, 2)
     study = _check_consistent(tmp_path, 4, failed=(0, 2))
-    assert "raised" in study.trials[0].user_attrs["fail_reason"]
+    # the real reason, recorded by the trial itself, in Optuna and MLflow
+    reason = "the trial raised RuntimeError: fake trial 0 failed on purpose"
+    assert study.trials[0].user_attrs["fail_reason"] == reason
+    assert "val_robust_acc missing or not finite" in study.trials[2].user_attrs["fail_reason"]
+    _, _, runs = _mlflow(tmp_path)
+    assert {r.data.tags["optuna_trial_number"]: r.data.tags.get("fail_reason") for r in runs}["0"] == reason
 
 
 def test_interrupted_study_resumes_to_exactly_n_trials(tmp_path):
@@ -124,8 +129,9 @@ def test_interrupted_study_resumes_to_exactly_n_trials(tmp_path):
     assert first.status == "interrupted" and marker.exists()
     study = _optuna(tmp_path)
     assert len(study.trials) < 5 and study.trials[2].state == TrialState.RUNNING
-    # an Optuna trial asked just before the driver died (never reached Tune's checkpoint): an orphan
+    # an Optuna trial asked just before the driver died (never started): RUNNING, with its parameters
     orphan = study.ask()
+    _space().suggest(orphan)
     with pytest.raises(Exception):
         runner.run_study(_space(n_trials=5, concurrent=1, **every_epoch), runs_dir=tmp_path / "runs")  # exists
     log = tmp_path / "starts.txt"
@@ -134,7 +140,7 @@ def test_interrupted_study_resumes_to_exactly_n_trials(tmp_path):
     assert "quickstart-0002 1" in log.read_text().splitlines()  # continued from its epoch-1 checkpoint
     assert second.status == "complete"
     study = _check_consistent(tmp_path, 5)
-    assert study.trials[orphan.number].state == TrialState.COMPLETE  # adopted, not duplicated
+    assert study.trials[orphan.number].state == TrialState.COMPLETE  # continued, not duplicated
 
 
 def test_time_budget_fails_unfinished_trials_and_ends_the_study(tmp_path):

@@ -211,7 +211,7 @@ class Pretraining:
             def stop_all(self) -> bool:
                 return pretraining.poll() and pretraining.error is not None
 
-            def __reduce__(self):  # Tune pickles its run config; a restored study gets a new guard
+            def __reduce__(self):  # Tune pickles its run config (scratch, never read back)
                 return (NoopStopper, ())
 
         return PretrainingGuard()

@@ -4,9 +4,10 @@
     runs/<name>/.lock               the running driver (study.search.lock)
     runs/<name>/space.yaml          the validated search space (what `study resume` reads)
     runs/<name>/optuna.db           the default Optuna storage
-    runs/<name>/tune/<name>/        the Ray Tune experiment (per-epoch checkpoints, for resume)
+    runs/<name>/tune/<name>/        the Ray Tune experiment of the last run or resume (scratch: never read back)
     runs/<name>/pretrained/         the dense checkpoint, keyed by its config
-    runs/<name>/trials/<number>/    result.json, model.pt, final.json, confirm.json, robustness_final.json
+    runs/<name>/trials/<number>/    checkpoint.pt (while it runs), result.json, model.pt, final.json, confirm.json,
+                                    robustness_final.json
     runs/<name>/pareto.csv          the Pareto front
 
 With --runs-dir on an object store (s3://BUCKET/PREFIX, study.search.store) the same layout lives in the
@@ -20,10 +21,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from study.search.store import Store, data_dir, is_remote, mirror_dir
 
+TRIAL_CHECKPOINT_FILE = "checkpoint.pt"  # a running trial's last resume state (torch, weights-only)
 TRIAL_FINAL_FILE = "final.json"  # a finished trial's last report (reported again, not retrained, on resume)
 CONFIRM_FILE = "confirm.json"  # a front trial's test-split confirmation (study.confirm)
 SUITE_FINAL_FILE = "robustness_final.json"  # a front trial's robustness suite on test (study.robustness)
@@ -52,16 +54,8 @@ class StudyPaths:
         return self.store.url("tune") if self.store is not None else str(self.tune_dir)
 
     @property
-    def tune_filesystem(self) -> Any:
-        """Tune's storage_filesystem: local files written atomically (study.search.atomic_fs), or None for an
-        object store (pyarrow's own, from the URI)."""
-        from study.search.atomic_fs import atomic_local_fs
-
-        return None if self.store is not None else atomic_local_fs()
-
-    @property
     def experiment_location(self) -> str:
-        """The Tune experiment (for Tuner.can_restore / restore, `tune ls`): a path or a URI."""
+        """The Tune experiment (for `tune ls`): a path or a URI."""
         return self.store.url(f"tune/{self.name}") if self.store is not None else str(self.experiment)
 
     def experiment_exists(self) -> bool:

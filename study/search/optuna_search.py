@@ -1,23 +1,16 @@
-"""Optuna's side of a study: the storage, the study, and `StudySearch`, the Tune searcher.
+"""Optuna's side of a study: the storage, the study, and the checks a resume makes of them.
 
-`StudySearch` is Ray Tune's OptunaSearch made safe for resume: it never leaves an Optuna trial RUNNING
-(every Tune trial ends COMPLETE with finite objectives or FAIL with a `fail_reason`), an Optuna trial
-asked after Tune's last experiment checkpoint (the driver died in between) is adopted by the next trial
-Tune creates instead of a new one being asked, and once the Optuna study holds n_trials trials it asks no
-more (a trial created and finished after that checkpoint is unknown to the restored Tune, which would
-otherwise create one more). It is built on first use (importing Ray Tune costs
-seconds) and pickled by reference as study.search.optuna_search.StudySearch.
+The Optuna storage is, with the trial folders, the study's only state; the Tune searcher on it is
+study.search.searcher.StudySearch.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from study.errors import ConfigError
-from study.keys import NODE_KEY, NUMBER_KEY
 from study.search.space import SearchSpace
 
 log = logging.getLogger("study.search")
@@ -100,227 +93,28 @@ def link_mlflow_run(storage_url: str, study_name: str, number: int, run_id: str)
         log.warning("could not link MLflow run %s to Optuna trial %d: %s", run_id, number, e)
 
 
-def define_by_run(space: SearchSpace, trial: Any) -> dict[str, Any]:
-    """Optuna's define-by-run space of a study: the searched values plus the trial's number (NUMBER_KEY)."""
-    values = space.suggest(trial)
-    return {**values, NUMBER_KEY: trial.number}
+def set_user_attrs(storage: Any, study_name: str, number: int, attrs: dict[str, Any]) -> None:
+    """User attributes of Optuna trial `number` (before it is told), through the storage's public API."""
+    study_id = storage.get_study_id_from_name(study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
 
 
-@functools.lru_cache(maxsize=1)
-def searcher_class() -> type:
-    """StudySearch, built on first use (importing Ray Tune costs seconds; `study trial` needs none of it)."""
-    from optuna.trial import Trial, TrialState
-    from ray.tune.search import Searcher
-    from ray.tune.search.optuna import OptunaSearch
-
-    from study.search.tracking import numeric_metrics
-
-    _ASKED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-
-    class StudySearch(OptunaSearch):
-        """OptunaSearch that never leaves a trial RUNNING, adopts orphans on resume and never asks Optuna for
-        more than `n_trials` trials."""
-
-        def __init__(self, *args: Any, n_trials: int | None = None, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.n_trials = n_trials
-
-        def suggest(self, trial_id: str) -> dict | str | None:
-            if self._ot_study is not None and trial_id not in self._ot_trials:
-                orphan = self._orphan()
-                if orphan is not None:
-                    log.warning("resuming Optuna trial %d (asked before the driver stopped, never run)", orphan.number)
-                    self._ot_trials[trial_id] = Trial(self._ot_study, orphan._trial_id)
-                elif self._all_asked():
-                    return Searcher.FINISHED
-            return super().suggest(trial_id)
-
-        def _all_asked(self) -> bool:
-            """The study holds its n_trials Optuna trials already. Tune restored from a snapshot older than the
-            driver's death counts fewer: a trial that was created and finished after the snapshot is COMPLETE
-            in Optuna and unknown to Tune, which would create one trial too many."""
-            n = self.__dict__.get("n_trials")  # None in a searcher pickled before the cap existed
-            if n is None:
-                return False
-            asked = len(self._ot_study.get_trials(deepcopy=False, states=_ASKED))
-            if asked >= n:
-                log.info("the study holds its %d Optuna trials: no new trial is asked", n)
-            return asked >= n
-
-        def _orphan(self) -> Any:
-            claimed = {t.number for t in self._ot_trials.values()}
-            running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            return next((t for t in sorted(running, key=lambda t: t.number) if t.number not in claimed), None)
-
-        def repoint(self, url: str) -> None:
-            """Use the Optuna storage at `url` (the manifest's, resolved against the study folder) instead of
-            the one pickled with the experiment: a copied or moved study must never write into the original.
-            Kept across Tune's restore of the searcher's state (`restore`)."""
-            import optuna
-
-            self._pinned_url = url
-            self._storage = open_storage(url)
-            if self._ot_study is not None:
-                self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
-                                                   sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
-                self._ot_trials = {k: Trial(self._ot_study, t._trial_id) for k, t in self._ot_trials.items()}
-
-        def restore(self, checkpoint_path: str) -> None:
-            """Tune's restore, which must never raise: Tune answers a searcher that fails to restore by
-            restarting the experiment, which then waits forever. An unreadable state (a driver killed while
-            Tune wrote it) keeps the searcher as the Tuner pickled it; either way the trials of Tune's own
-            snapshot beside it are claimed (`_claim_tune_trials`) and the Optuna storage says the rest."""
-            from study.search.samplers import restored
-
-            pinned = self.__dict__.get("_pinned_url")
-            try:
-                super().restore(checkpoint_path)
-                if self._ot_study is not None:  # the study's sampler is the searcher's (one object, pickled once)
-                    shared = self._sampler is self._ot_study.sampler
-                    self._ot_study.sampler = restored(self._ot_study.sampler)
-                    if shared:
-                        self._sampler = self._ot_study.sampler
-            except Exception as e:  # noqa: BLE001 - see the docstring
-                log.warning("the searcher's saved state %s is unreadable (%s: %s); resuming from Tune's trials and "
-                            "the Optuna storage", checkpoint_path, type(e).__name__, e)
-            if pinned:
-                self.repoint(pinned)
-            if self._ot_study is not None:
-                self._claim_tune_trials(Path(checkpoint_path).parent)
-
-        def _claim_tune_trials(self, folder: Path) -> None:
-            """Make the searcher's trials those of Tune's newest experiment snapshot in `folder` (the two are
-            saved as separate files, so a driver killed between them leaves one older than the other):
-            - a Tune trial the searcher lacks is mapped to its Optuna trial (by the number in its config):
-              Tune reruns it without asking; unclaimed, it would look like an orphan to `suggest` (and run
-              twice) and its result would be ignored;
-            - a trial the searcher knows and Tune lost, still RUNNING in Optuna, is released: the next trial
-              Tune creates adopts it (`suggest`), instead of it staying RUNNING until the study fails it."""
-            import json
-
-            states = sorted(folder.glob("experiment_state-*.json"))
-            if not states:  # no snapshot of Tune's to compare with: the searcher's state stands
-                return
-            try:
-                trial_data = json.loads(states[-1].read_text())["trial_data"]
-            except Exception as e:  # noqa: BLE001 - Tune, reading the same file, reports it
-                log.warning("could not read Tune's snapshot %s: %s", states[-1], e)
-                return
-            storage, study_id = self._ot_study._storage, self._ot_study._study_id
-            in_tune: set[str] = set()
-            for entry in trial_data:
-                try:
-                    state = json.loads(entry[0])
-                    trial_id, number = state["trial_id"], int(state["config"][NUMBER_KEY])
-                except Exception:  # noqa: BLE001 - not a trial of this study's searcher
-                    continue
-                in_tune.add(trial_id)
-                if trial_id in self._ot_trials:
-                    continue
-                try:
-                    ot_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-                except KeyError:
-                    continue
-                log.info("Tune trial %s is Optuna trial %d (the searcher's saved state predates it)", trial_id, number)
-                self._ot_trials[trial_id] = Trial(self._ot_study, ot_id)
-            for trial_id in [t for t in self._ot_trials if t not in in_tune]:
-                ot_trial = self._ot_trials[trial_id]
-                if storage.get_trial(ot_trial._trial_id).state == TrialState.RUNNING:
-                    log.info("Optuna trial %d is released for adoption (Tune's snapshot predates its trial %s)",
-                             ot_trial.number, trial_id)
-                    del self._ot_trials[trial_id]
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            return  # multi-objective: Optuna takes no intermediate values
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials:
-                return
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is None:
-                log.warning("Tune trial %s completed but has no Optuna trial; ignored", trial_id)
-                return
-            self._completed_trials.add(trial_id)
-            storage = self._ot_study._storage
-            if storage.get_trial(ot_trial._trial_id).state.is_finished():
-                return  # told before the driver stopped; this is the rerun of a finished trial
-            metrics = list(self.metric) if isinstance(self.metric, list) else [self.metric]
-            result = result or {}
-            values = [result.get(m) for m in metrics]
-            finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-            ot_trial.set_user_attr("tune_trial_id", trial_id)
-            if result.get("final") and finite and not error:
-                for key, value in numeric_metrics(result).items():
-                    if key not in ("final", "step", "epoch"):
-                        ot_trial.set_user_attr(key, value)
-                if isinstance(result.get(NODE_KEY), str):
-                    ot_trial.set_user_attr(NODE_KEY, result[NODE_KEY])
-                self._ot_study.tell(ot_trial, [float(v) for v in values], state=TrialState.COMPLETE)
-                return
-            reason = ("the trial raised (see Tune's error file)" if error else
-                      "stopped before its final report" if not result.get("final") else
-                      f"objective not finite: {dict(zip(metrics, values))}")
-            ot_trial.set_user_attr("fail_reason", reason)
-            log.warning("Optuna trial %d recorded as FAIL: %s", ot_trial.number, reason)
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-
-    StudySearch.__module__, StudySearch.__qualname__ = __name__, "StudySearch"  # pickled by reference
-    return StudySearch
-
-
-@functools.lru_cache(maxsize=1)
-def relocated_class() -> type:
-    """RelocatedSearch: Tune's SearchGenerator for a restored experiment that may have moved. Tune restores
-    the generator's Experiment (its storage location, where new trials write) from the pickled state of
-    the first location; this one points it at the folder being resumed."""
-    import copy
-
-    from ray.tune.search.search_generator import SearchGenerator
-
-    from study.search.store import is_remote
-
-    class RelocatedSearch(SearchGenerator):
-        def __init__(self, searcher: Any, storage_path: str, name: str):
-            super().__init__(searcher)
-            if is_remote(storage_path):  # Tune keeps the bucket's path without the scheme (bucket/prefix/...)
-                from pyarrow import fs as pafs
-
-                storage_path = pafs.FileSystem.from_uri(storage_path)[1]
-            self._relocate_to = (Path(storage_path).as_posix(), name)
-
-        def set_state(self, state: dict) -> None:
-            super().set_state(state)
-            exp = self._experiment
-            if exp is not None and getattr(exp, "storage", None) is not None:
-                storage = copy.copy(exp.storage)
-                storage.storage_fs_path, storage.experiment_dir_name = self._relocate_to
-                exp.storage = storage
-                exp.spec["storage"] = storage
-
-    RelocatedSearch.__module__, RelocatedSearch.__qualname__ = __name__, "RelocatedSearch"
-    return RelocatedSearch
-
-
-def __getattr__(name: str) -> Any:  # StudySearch, importable by module path (the Tuner pickles its searcher)
-    if name == "StudySearch":
-        return searcher_class()
-    if name == "RelocatedSearch":
-        return relocated_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def fail_running(study: Any, reason: str, expected: bool = False) -> int:
+def fail_running(study: Any, storage_url: str, reason: str, expected: bool = False) -> int:
     """At the end of a search no Optuna trial may stay RUNNING: fail the rest, loudly unless `expected`
     (Tune's time budget stops trials without telling the searcher)."""
     from optuna.trial import TrialState
+
+    from study.keys import FAIL_KEY
 
     stuck = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
     for t in stuck:
         log.log(logging.WARNING if expected else logging.ERROR,
                 "Optuna trial %d was still %s at the end of the study (%s); recording it as FAIL",
                 t.number, t.state.name, reason)
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        study.tell(t.number, state=TrialState.FAIL)
+        set_user_attrs(_cached_storage(storage_url), study.study_name, t.number, {FAIL_KEY: reason})
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     return len(stuck)
 
 
@@ -338,6 +132,55 @@ def refuse_existing(url: str, name: str, source: str) -> None:
         if summary.study_name == name and summary.n_trials:
             raise ConfigError("study.name", f"the Optuna storage {url} already holds a study {name!r} with "
                               f"{summary.n_trials} trials; start over with --fresh or pick another name", source)
+
+
+def _hide_password(url: str) -> str:
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def storage_file(url: str) -> Path | None:
+    """The file of a sqlite or journal storage URL, None for a database server."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    path = url[len("journal:"):] if url.startswith("journal:") else url
+    if url.startswith("journal:") or ("://" not in url and path.endswith((".log", ".journal"))):
+        return Path("/" + path.lstrip("/") if path.startswith("//") else path)
+    return None
+
+
+def check_resumable(url: str, name: str, trial_numbers: list[int]) -> None:
+    """`study resume` continues the study in its Optuna storage and never starts a new one: a storage that
+    is missing or empty, or holds no study of this name, or fewer trials than the study folder has
+    (`trial_numbers`: the numbers of its trials/<number>/ folders), is refused in one line."""
+    import optuna
+
+    from study.errors import UserError
+
+    shown = _hide_password(url)
+    fix = ("restore it (or point the manifest's \"storage\" at the study's own), or start over with "
+           "`study run SPACE --fresh`")
+    path = storage_file(url)
+    if path is not None and (not path.is_file() or path.stat().st_size == 0):
+        what = "does not exist" if not path.is_file() else "is empty"
+        raise UserError(f"study {name!r}: its Optuna storage {shown} {what}; resuming would start a new study: {fix}")
+    try:
+        storage = open_storage(url)
+        names = optuna.get_all_study_names(storage)
+        trials = (len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+                  if name in names else 0)
+    except Exception as e:  # noqa: BLE001 - a damaged file, a database that refuses us
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"study {name!r}: its Optuna storage {shown} cannot be read ({first}): {fix}") from None
+    if name not in names:
+        held = ", ".join(sorted(names)) or "none"
+        raise UserError(f"study {name!r}: its Optuna storage {shown} holds no study of that name (studies there: "
+                        f"{held}); resuming would start a new study: {fix}")
+    beyond = sorted(n for n in trial_numbers if n >= trials)
+    if beyond:
+        raise UserError(f"study {name!r}: its Optuna storage {shown} holds {trials} trials, but the study folder has "
+                        f"trials/{beyond[0]:04d}/: not this study's storage? {fix}")
 
 
 def counts(study: Any) -> tuple[int, int]:

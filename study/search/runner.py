@@ -1,11 +1,10 @@
 """A study: a Ray Tune Tuner searched by Optuna, recorded in MLflow (`run_study`, `resume_study`,
 `report_study`, `wipe_study`: the bodies of `study run | resume | report`, whose flags are in study.cli).
 
-This module is over 400 lines because the Study class owns the whole run/resume lifecycle, including pointing
-a restored Tune experiment at a copied folder (RelocatedSearch) and keeping an object-store study's bucket and
-local mirror in step (the file operations themselves are in study.search.layout/store; the MLflow side in
-study.search.study_mlflow); the next splits are that relocation into its own module and the entry points
-(run_study ... wipe_study) into theirs.
+This module is over 400 lines because the Study class owns the whole run/resume lifecycle, including keeping
+an object-store study's bucket and local mirror in step (the file operations themselves are in
+study.search.layout/store; the MLflow side in study.search.study_mlflow); the next split is the entry points
+(run_study ... wipe_study) into their own module.
 
     study run search_spaces/quickstart.yaml      one search-space file = one study
     study resume quickstart                      continue an interrupted study (Ctrl-C, killed driver)
@@ -18,17 +17,16 @@ Trials are selected on validation figures only. After the search, every Pareto-f
 on the TEST split (`Study.final_evaluation`: study.confirm always, the study.robustness suite's final
 budget where set; study.search.front); `--no-final-eval` skips it.
 
-No lost and no duplicated trials across a resume:
-- Tune restores its trials and the searcher (which maps Tune trial ids to Optuna trials) from the
-  experiment checkpoint; unfinished Tune trials continue from their last epoch checkpoint.
-- An Optuna trial asked after the last experiment checkpoint (the driver died in between) is left
-  RUNNING with no Tune trial: `StudySearch` adopts such orphans for the next trials Tune creates
-  instead of asking new ones, so the study holds exactly n_trials trials; and once it holds them StudySearch
-  asks no more (a trial created and finished after the snapshot is unknown to the restored Tune).
-- A trial that finished after the last checkpoint is rerun by Tune, finds its final.json and
-  reports it again; Optuna ignores a second tell, MLflow reuses the run keyed by Optuna number.
-- Every trial ends COMPLETE with finite objectives or FAIL; a trial still RUNNING when the search
-  ends is failed with a log line (a bug if it happens).
+A study's state is its Optuna storage and its trial folders, nothing else. `study resume` builds a new
+Tuner exactly as `study run` does (Tune's experiment folder is scratch: it is replaced, never restored, and
+nothing in the study folder is unpickled), and the searcher (study.search.searcher) reads the storage:
+- COMPLETE, FAIL and PRUNED trials are done;
+- a RUNNING trial (its driver died) is handed to the new Tuner first, under its own Optuna number: the
+  trainable continues it from trials/<number>/checkpoint.pt, or reports its final.json when it had
+  finished; MLflow reuses its run (keyed by Optuna number) and skips the epochs already logged;
+- new trials are asked until the study holds n_trials.
+Every trial ends COMPLETE with finite objectives, FAIL or PRUNED; a trial still RUNNING when the search
+ends is failed with a log line (a bug if it happens).
 """
 from __future__ import annotations
 
@@ -46,12 +44,11 @@ import yaml
 from study.errors import ConfigError
 from study.keys import NUMBER_KEY
 from study.search import console, front, startup, study_mlflow
-from study.search.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, Manifest, StudyPaths, sqlite_file,
-                                 study_paths)
-from study.search.optuna_search import (counts, define_by_run, fail_running, finished_count, load_optuna_study,
-                                        open_storage, refuse_existing, searcher_class)
+from study.search.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, TRIAL_CHECKPOINT_FILE, Manifest,
+                                 StudyPaths, sqlite_file, study_paths)
+from study.search.optuna_search import (check_resumable, counts, fail_running, finished_count, load_optuna_study,
+                                        open_storage, refuse_existing)
 from study.search.ray_cluster import resolve_gpus
-from study.search.samplers import make_sampler
 from study.search.space import SearchSpace, load_space
 from study.search.trainable import build_config, pretrain_task, study_trainable
 
@@ -113,10 +110,9 @@ class Study:
         return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
     def searcher(self) -> Any:
-        s = self.space.study
-        return searcher_class()(space=functools.partial(define_by_run, self.space), metric=s.metrics,
-                                 mode=s.modes, sampler=make_sampler(self.space), study_name=s.name,
-                                 storage=open_storage(self.manifest.storage), n_trials=s.n_trials)
+        from study.search.searcher import StudySearch
+
+        return StudySearch(self.space, self.manifest.storage)
 
     def save_manifest(self) -> None:
         self.manifest.save(self.paths.manifest)
@@ -148,19 +144,19 @@ class Study:
     # --- the search ------------------------------------------------------------------------------
 
     def execute(self, *, resume: bool) -> Outcome:
-        from ray import tune
-
         s = self.space.study
         optuna_study = load_optuna_study(self.manifest.storage, s.name, self.space)
         gpus = resolve_gpus(s.gpus_per_trial)
         cpus = s.cpus_per_trial
         remaining = s.n_trials - finished_count(optuna_study)
+        if resume:
+            running = len(optuna_study.get_trials(deepcopy=False)) - finished_count(optuna_study)
+            print(f"[study] resuming study {s.name!r} from its Optuna storage: {s.n_trials - remaining} of "
+                  f"{s.n_trials} trials finished, {running} to continue from trials/<number>/", flush=True)
         t0 = time.monotonic()
-        search = remaining > 0 or (resume and tune.Tuner.can_restore(self.paths.experiment_location))
-        # The dense model trains while the driver sets up. With no Optuna trial left, a restored Tune may still
-        # rerun a trial it had not seen end: that trial reports its saved final.json, or (its Optuna trial
-        # failed meanwhile, so its result is ignored) pretrains through the pipeline's own cache.
-        dense = self.start_pretraining(cpus, gpus, needed=remaining > 0) if search else None
+        # RUNNING trials count as remaining: a resume continues them. The dense model trains while the driver
+        # sets up; with no trial left there is no search and nothing to pretrain.
+        dense = self.start_pretraining(cpus, gpus) if remaining > 0 else None
         tracker = self.tracker(relocate=False)
         from study.search.warmup import ParentRun
 
@@ -168,7 +164,7 @@ class Study:
         parent = ParentRun(functools.partial(study_mlflow.open_parent_run, self, tracker))
         try:
             if dense is not None:
-                self._search(resume, remaining, cpus, gpus, tracker, dense, parent)
+                self._search(remaining, cpus, gpus, tracker, dense, parent)
         except BaseException:
             parent.join()  # nothing writes to MLflow while the error unwinds (a new study is removed)
             raise
@@ -183,7 +179,7 @@ class Study:
             return Outcome("interrupted", *counts(optuna_study), [], None, self.manifest.parent_run_id)
         reason = ("stopped by the study's time budget" if budget_spent else
                   "the search ended while it was RUNNING (a bug: please report it)")
-        fail_running(optuna_study, reason, expected=budget_spent)
+        fail_running(optuna_study, self.manifest.storage, reason, expected=budget_spent)
         tracker.close_trial_runs(self.manifest.parent_run_id, "KILLED", reason)
         study_mlflow.record_unstarted(self, optuna_study, tracker)
         if self.final_eval:
@@ -194,11 +190,10 @@ class Study:
                 run_baselines(self, optuna_study, tracker, cpus, gpus)
         return self.finish(optuna_study, tracker)
 
-    def _search(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any,
-                parent: Any) -> None:
+    def _search(self, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any, parent: Any) -> None:
         from study.search.warmup import wait_report
 
-        self._tuner(resume, remaining, cpus, gpus, tracker, dense, parent).fit()
+        self._tuner(remaining, cpus, gpus, tracker, dense, parent).fit()
         wait_report()  # the report's imports, started when the last trials ran (study.search.warmup)
         if not dense.poll():  # the search ended before the dense model (Ctrl-C, time budget): no trial ran
             dense.cancel()
@@ -218,77 +213,42 @@ class Study:
     def _custom_runs_dir(self) -> bool:
         return self.paths.remote or Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
 
-    def _tuner(self, resume: bool, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any,
-               parent: Any) -> Any:
+    def _tuner(self, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any, parent: Any) -> Any:
+        """A new Tuner, for a run and a resume alike: the searcher reads the Optuna storage (see the module
+        docstring). Tune's folder of an earlier run is scratch: it is removed, never read."""
         from ray import tune
 
         # Epoch reports carry no objective on purpose (a partial value must never reach Optuna as final);
         # Tune's strict check would reject them. StudySearch fails any trial whose last report lacks one.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        # Frequent checkpoints are the point (resume); Tune's warning about frequent snapshots is noise.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        # The experiment snapshot (trials + searcher), at most every 10 s: each costs the driver CPU that the
-        # trials share on a small machine. What a lagging snapshot misses is recovered: a trial created after it
-        # is adopted or, once finished, counted by StudySearch (no trial too many); a trial finished after it
-        # reports its final.json again; Tune itself snapshots before deleting a checkpoint the last one names
-        # (num_to_keep). Checkpoints every epoch (checkpoint_every_s 0) snapshot at every step, as asked.
-        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0" if self.space.study.checkpoint_every_s == 0 else "10"
+        # Tune's experiment snapshot (for `tune ls`, never for resume), at most every 10 s: each costs the
+        # driver CPU that the trials share on a small machine.
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "10"
         # Tune's TensorBoard logger (an import and an event file per result); its JSON and CSV loggers stay
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-        trainable = self.trainable(cpus, gpus, dense)
-        if resume and tune.Tuner.can_restore(self.paths.experiment_location):
-            print(f"[study] restoring the Tune experiment {self.paths.experiment_location}", flush=True)
-            tuner = tune.Tuner.restore(self.paths.experiment_location, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False,
-                                       storage_filesystem=self.paths.tune_filesystem)
-            self._repoint(tuner, tracker, parent)
-            tuner._local_tuner._run_config.stop = dense.guard()
-            return tuner
-        if self.paths.experiment_exists():  # a Tune folder that cannot be restored (died while starting)
+        if self.paths.experiment_exists():
+            log.info("replacing Tune's folder of an earlier run, %s (scratch)", self.paths.experiment_location)
             self.paths.remove_experiment()
         s = self.space.study
         return tune.Tuner(
-            trainable,
+            self.trainable(cpus, gpus, dense),
             tune_config=tune.TuneConfig(search_alg=self.searcher(), num_samples=remaining,
                                         max_concurrent_trials=s.max_concurrent,
                                         time_budget_s=s.time_budget_s or None,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
                                         reuse_actors=True),  # no new process + torch import per trial
             run_config=tune.RunConfig(
-                name=s.name, storage_path=self.paths.tune_storage, storage_filesystem=self.paths.tune_filesystem,
-                failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                name=s.name, storage_path=self.paths.tune_storage,
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),  # a dead worker's trial: again
                 callbacks=study_mlflow.callbacks(self, tracker, parent), stop=dense.guard()),
         )
-
-    def _repoint(self, tuner: Any, tracker: Any, parent: Any) -> None:
-        """Tune pickled the searcher (with its Optuna storage) and the MLflow callback (with its tracking
-        URI) at the study's first location: point both at this folder's manifest, so a copied or moved
-        study writes only into itself."""
-        from ray.tune.search import ConcurrencyLimiter
-
-        from study.search.optuna_search import relocated_class
-
-        internal = tuner._local_tuner
-        config = internal._tune_config
-        search_alg = config.search_alg
-        while hasattr(search_alg, "searcher"):  # a RelocatedSearch / ConcurrencyLimiter of an earlier resume
-            search_alg = search_alg.searcher
-        if not hasattr(search_alg, "repoint"):  # a searcher of an unknown kind: never resume against its storage
-            search_alg = self.searcher()
-        search_alg.repoint(self.manifest.storage)
-        search_alg.n_trials = self.space.study.n_trials  # a searcher pickled before the cap had none
-        limited = ConcurrencyLimiter(search_alg, max_concurrent=self.space.study.max_concurrent)
-        config.search_alg = relocated_class()(limited, self.paths.tune_storage, self.space.study.name)
-        config.max_concurrent_trials = None  # the limiter is inside
-        internal._run_config.callbacks = study_mlflow.callbacks(self, tracker, parent)
 
     def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:
         from analysis import pareto
 
         s = self.space.study
         if self.paths.remote:  # what the table and the report read (not the models)
-            self.paths.pull_tree("trials", skip=["model.pt"])
+            self.paths.pull_tree("trials", skip=["model.pt", TRIAL_CHECKPOINT_FILE])
             self.paths.pull_tree("pretrained")
             self.paths.pull("baselines.json")
         rows = pareto.front_rows(optuna_study, s.metrics)
@@ -436,13 +396,15 @@ def _undo_creation(paths: StudyPaths, storage_url: str, tracking_uri: str, exist
 def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callable | None = None,
                  pretrain: Callable | None = None, address: str | None = None, num_cpus: int | None = None,
                  final_eval: bool = True) -> Outcome:
-    """Continue a study from its manifest: Tune's checkpoint where there is one, Optuna's storage anyway."""
+    """Continue a study from its Optuna storage and trial folders (a storage that is missing, empty or holds
+    no such study is refused: never a silent new study)."""
     from study.search.lock import StudyLock
 
     paths, manifest, space = _open(name, runs_dir)
     paths.check_storage_here(manifest.storage)
     lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()
+    check_resumable(manifest.storage, name, _trial_numbers(paths))
     startup.check(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
     early = startup.EarlyStart(space, paths, pretrain, address, num_cpus, manifest.tracking_uri,
                                trials_left=_trials_left(manifest.storage, name, space.study.n_trials))
@@ -453,6 +415,13 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
             return Study(space, paths, manifest, run_trial, pretrain, final_eval, early.dense).execute(resume=True)
     finally:
         early.cancel()
+
+
+def _trial_numbers(paths: StudyPaths) -> list[int]:
+    """The numbers of the study folder's trials/<number>/ folders (in the bucket for an object-store study)."""
+    names = paths.store.list_dirs("trials") if paths.remote else \
+        [p.name for p in paths.trials.iterdir() if p.is_dir()] if paths.trials.is_dir() else []
+    return [int(n) for n in names if n.isdigit()]
 
 
 def _trials_left(storage: str, name: str, n_trials: int) -> bool:

@@ -77,7 +77,7 @@ class StudySettings:
     # auto = 1 where the cluster has GPUs; 0.25 = four trials share one GPU (small models); 2 = two whole GPUs
     gpus_per_trial: str | float = field(default="auto", metadata={"parse": _gpus})
     cpus_per_trial: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))  # also torch's thread count
-    max_failures: int = field(default=0, metadata=in_range(0))  # Tune retries of a crashed trial
+    max_failures: int = field(default=3, metadata=in_range(0))  # Tune reruns of a trial whose worker process died
     # a trial's resume checkpoint at the first epoch end this many seconds after its previous one (or its
     # start); 0 = every epoch. A killed trial loses at most this much training (plus an epoch)
     checkpoint_every_s: float = field(default=60.0, metadata=in_range(0.0))

@@ -111,12 +111,6 @@ def relocate_store(tracking_uri: str, experiment: str, artifact_root: Path) -> b
     db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
     if db is None or not db.is_file():
         return False
-    try:  # MLflow caches a run's artifact location per process by run id: another store's run may share it
-        from mlflow.tracking._tracking_service import utils as _mlflow_utils
-
-        _mlflow_utils._artifact_repos_cache.clear()
-    except (ImportError, AttributeError):
-        pass
     new = artifact_root.resolve().as_uri()
     try:
         with sqlite3.connect(db, timeout=60) as con:

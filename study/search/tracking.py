@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from study.keys import NODE_KEY, NUMBER_KEY, ROLE_TAG, study_run_key, trial_run_key
+from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY, ROLE_TAG, study_run_key, trial_run_key
 
 # Result keys Tune adds or that are not metrics.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
@@ -159,17 +159,32 @@ class Tracker:
             self.client.log_batch(run_id, metrics=ms[:1000], params=chunk, tags=ts[:100])
             ms, ps, ts = ms[1000:], ps[MAX_PARAMS_PER_BATCH:], ts[100:]
 
+    def artifacts(self, run_id: str) -> Any:
+        """The artifact repository of a run, from the location the store holds now (MLflow's client caches
+        a run's location per process: a study folder copied in the same process would write into the
+        original's artifacts)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri, tracking_uri=self.tracking_uri)
+
     def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None:
-        self.client.log_dict(run_id, dict(data), name)
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(name).name
+            path.write_text(json.dumps(dict(data), indent=2))
+            folder = str(Path(name).parent)
+            self.artifacts(run_id).log_artifact(str(path), None if folder == "." else folder)
 
     def log_file(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
         if Path(path).is_file():
-            self.client.log_artifact(run_id, str(path), folder)
+            self.artifacts(run_id).log_artifact(str(path), folder)
 
     def log_folder(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
         """Every file under `path`, as artifacts under `folder` (e.g. report/index.html)."""
         if Path(path).is_dir():
-            self.client.log_artifacts(run_id, str(path), folder)
+            self.artifacts(run_id).log_artifacts(str(path), folder)
 
     def set_experiment_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
@@ -276,8 +291,8 @@ class MlflowTrialCallback(Callback):
     """Tune callback: a nested MLflow run per trial, one log_batch per reported epoch.
 
     `trial_config(config)` maps a Tune trial config to its TrialConfig (flat params + JSON artifact);
-    `link(number, run_id)` records the run id with the Optuna trial (both picklable: this callback is
-    pickled with the Tuner and restored on resume). `parent_run_id`: the id, or what returns it once the
+    `link(number, run_id)` records the run id with the Optuna trial (both picklable: Tune pickles this
+    callback with the Tuner into its scratch folder, which nothing reads back). `parent_run_id`: the id, or what returns it once the
     run is open (study.search.warmup.ParentRun).
     """
 
@@ -346,10 +361,13 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)
-        final = bool((trial.last_result or {}).get("final"))
-        status = "FINISHED" if final else "KILLED"
+        last = trial.last_result or {}
+        final = bool(last.get("final"))
+        status = "FINISHED" if final and not last.get(FAIL_KEY) else "FAILED" if final else "KILLED"
         if not final:
-            self.tracker.log_batch(run_id, tags={"fail_reason": "stopped before its final report"})
+            self.tracker.log_batch(run_id, tags={FAIL_KEY: "stopped before its final report"})
+        elif last.get(FAIL_KEY):  # the trial recorded its own failure (study.search.trainable)
+            self.tracker.log_batch(run_id, tags={FAIL_KEY: str(last[FAIL_KEY])[:500]})
         elif self.trial_dir is not None:  # the exported sparse model and its result, for `study evaluate runs:/<id>`
             folder = self.trial_dir(int(trial.config.get(NUMBER_KEY, -1)))
             for name in ("model.pt", "result.json"):

@@ -1,30 +1,39 @@
 """The Ray Tune function trainable: one trial = pipeline.run_trial on one searched config.
 
 Tune hands it the searched values (flat dotted keys) plus `optuna_trial_number`; the fixed part of
-the config comes through `tune.with_parameters`. Every epoch goes to `ray.tune.report` with a resume
-checkpoint; the last report carries the final metrics, every objective finite, and `final: 1`. A trial
-that cannot produce that raises, so Tune marks it ERROR and Optuna records it FAIL.
+the config comes through `tune.with_parameters`. Every epoch goes to `ray.tune.report`; the last report
+carries the final metrics, every objective finite, and `final: 1`.
+
+A trial records its own errors: whatever run_trial raises (NaN loss, OOM, a bug), and a non-finite
+objective, ends the trial with a last report `{final: 1, fail_reason: "<the error>"}` (also saved as its
+final.json), which the searcher tells Optuna as FAIL with that reason and MLflow records as FAILED. Tune's
+retry (study.max_failures) thus only ever sees a worker process that died.
 
 Everything a trial reports is a validation or size figure (model selection never sees the test split; a
 run_trial returning test figures is refused). The test split is evaluated after the search, for the
 Pareto-front trials only (study.search.front: confirm.json beside the trial's files).
 
-A trial's files live in `<study_dir>/trials/<optuna number>/` (result.json, model.pt, final.json; on an
-object store, `study_dir` is the bucket's URI and the files are uploaded there, final.json last):
-keyed by the Optuna number, which survives a resume, so a trial that had already finished when the
-driver died reports its saved result again instead of training twice.
+A trial's files live in `<study_dir>/trials/<optuna number>/` (on an object store, `study_dir` is the
+bucket's URI and the files are written there; model.pt and result.json through a node-local scratch folder):
+- checkpoint.pt: the resume state of its last checkpointed epoch (study.checkpoint_every_s), written
+  atomically (a new file renamed over the old one; one PUT in a bucket) and loaded with
+  `torch.load(weights_only=True)`: a trial restarted by Tune after its worker died, or continued by
+  `study resume` after its driver died, starts from it. Removed when the trial ends.
+- final.json: the last report, written last: a trial that had finished when the driver died reports it
+  again instead of training twice.
+Keyed by the Optuna number, which is the same for every attempt at the trial.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from study.keys import NODE_KEY, NUMBER_KEY
+from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY
+from study.search.layout import TRIAL_CHECKPOINT_FILE as CHECKPOINT_FILE
 from study.search.layout import TRIAL_FINAL_FILE as FINAL_FILE
 from study.search.layout import trial_dir
 from study.search.store import Store, is_remote, scratch_dir
@@ -65,7 +74,7 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's.
     `robustness` (robust_settings.RobustnessSettings): the suite's search-budget metrics join the final ones.
     `dense`: what to wait for while the dense model is being pretrained (study.search.dense.wait_for).
-    `checkpoint_every_s`: an epoch's report carries a resume checkpoint when this many seconds have passed
+    `checkpoint_every_s`: an epoch end writes the trial's checkpoint when this many seconds have passed
     since the previous one (or the trial's start); 0 = every epoch."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
@@ -74,7 +83,6 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     torch.set_num_threads(max(1, int(threads)))
     if run_trial is None:
         from study.trial.pipeline import run_trial
-    cfg = build_config(base, fixed, config)
     number = int(config.get(NUMBER_KEY, 0))
     files = TrialFiles(study_dir, number)
     saved = files.final()
@@ -85,31 +93,36 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
         import study.trial.pipeline  # noqa: F401
         from study.search.dense import wait_for
 
-        wait_for(dense)
-    out = files.local
-    cfg = local_cache(cfg)
+        wait_for(dense)  # a failed pretraining raises here: the study stops (dense.guard), no trial is recorded
 
-    resume_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            path = Path(d) / "state.pt"
-            if path.is_file():
-                resume_state = torch.load(path, map_location="cpu", weights_only=True)
+    resume_state = files.checkpoint()
     last_step = int(resume_state.get("step", 0)) if resume_state else 0
     due = CheckpointClock(checkpoint_every_s)
 
     def on_epoch(report: Any) -> None:
         nonlocal last_step
         last_step = report.step
-        metrics = {**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step}
-        if not due():
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(report.state(), Path(d) / "state.pt")
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        if due():
+            files.save_checkpoint(report.state())
+        tune.report({**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step})
 
+    try:
+        cfg = local_cache(build_config(base, fixed, config))
+        final = _train(cfg, run_trial, on_epoch, resume_state, objectives, robustness, files)
+    except Exception as e:  # noqa: BLE001 - the trial's own failure, recorded as such (see the docstring)
+        import traceback
+
+        traceback.print_exc()  # the whole stack in the worker's log (Tune's trial log)
+        reason = str(e) if isinstance(e, ObjectiveNotFinite) else f"the trial raised {type(e).__name__}: {e}"
+        final = {"final": 1, FAIL_KEY: reason[:2000]}
+    final = {**final, "step": last_step + 1, NODE_KEY: _node_id()}
+    files.save_final(final)
+    tune.report(final)
+
+
+def _train(cfg: Any, run_trial: Callable, on_epoch: Callable, resume_state: Any, objectives: Sequence[str],
+           robustness: Any, files: "TrialFiles") -> dict[str, Any]:
+    """The trial itself: its final metrics (with `final: 1`), or it raises."""
     result = run_trial(cfg, on_epoch=on_epoch, resume_state=resume_state)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     leaked = sorted(k for k in metrics if k.startswith(("test_", "test.")) or k in ("clean_acc", "robust_acc"))
@@ -120,14 +133,12 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
         metrics.update(search_robustness(cfg, result, metrics, robustness))
     check_objectives(metrics, objectives)
     if hasattr(result, "save"):
-        result.save(out)
-    final = {**metrics, "final": 1, "step": last_step + 1, NODE_KEY: _node_id()}
-    files.save_final(final)
-    tune.report(final)
+        result.save(files.local)
+    return {**metrics, "final": 1}
 
 
 class CheckpointClock:
-    """`due()`: whether this epoch's report takes a checkpoint (`every_s` seconds since the last one, or since
+    """`due()`: whether this epoch's end writes a checkpoint (`every_s` seconds since the last one, or since
     the clock was made; 0 = always). Calling it when due restarts the interval."""
 
     def __init__(self, every_s: float, now: Callable[[], float] = time.monotonic):
@@ -144,7 +155,8 @@ class CheckpointClock:
 
 class TrialFiles:
     """A trial's folder `<study>/trials/<number>/`: written in place for a local study; for an object-store
-    study written in a node-local scratch folder and uploaded, final.json last (the trial's end marker)."""
+    study, the checkpoint and final.json go to the bucket directly (one PUT each), model.pt and result.json
+    through a node-local scratch folder, uploaded before final.json (the trial's end marker)."""
 
     def __init__(self, study_dir: str, number: int):
         self.store = Store(study_dir) if is_remote(study_dir) else None
@@ -152,25 +164,64 @@ class TrialFiles:
         self.local = (scratch_dir(study_dir) / self.rel) if self.store is not None else trial_dir(study_dir, number)
         self.local.mkdir(parents=True, exist_ok=True)
 
+    def _read(self, name: str) -> bytes | None:
+        if self.store is not None:
+            return self.store.read_bytes(f"{self.rel}/{name}") if self.store.is_file(f"{self.rel}/{name}") else None
+        path = self.local / name
+        return path.read_bytes() if path.is_file() else None
+
+    def _write(self, name: str, data: bytes) -> None:
+        if self.store is not None:
+            self.store.write_bytes(f"{self.rel}/{name}", data)
+            return
+        tmp = self.local / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.local / name)
+
     def final(self) -> dict | None:
         """The saved final report, None if the trial has not finished."""
-        if self.store is not None:
-            if not self.store.is_file(f"{self.rel}/{FINAL_FILE}"):
-                return None
-            return json.loads(self.store.read_text(f"{self.rel}/{FINAL_FILE}"))
-        done = self.local / FINAL_FILE
-        return json.loads(done.read_text()) if done.is_file() else None
+        data = self._read(FINAL_FILE)
+        return json.loads(data) if data is not None else None
+
+    def checkpoint(self) -> dict | None:
+        """The resume state of the trial's last checkpoint, None when there is none or it cannot be used (a
+        damaged file, or one holding more than tensors: torch's weights-only loader refuses to run code)."""
+        import io
+
+        import torch
+
+        data = self._read(CHECKPOINT_FILE)
+        if data is None:
+            return None
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError("not a dict")
+            return state
+        except Exception as e:  # noqa: BLE001 - the trial starts over instead
+            print(f"[study] {self.rel}/{CHECKPOINT_FILE} is not a usable checkpoint ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); the trial starts over", flush=True)
+            return None
+
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(dict(state), buf)
+        self._write(CHECKPOINT_FILE, buf.getvalue())
 
     def save_final(self, final: Mapping[str, Any]) -> None:
-        text = json.dumps(dict(final), indent=2)
+        """final.json, written last (the trial's end marker); the checkpoint is no longer needed."""
         if self.store is not None:
             self.store.upload_tree(self.local, self.rel, names=[p.name for p in self.local.iterdir()
-                                                                if p.name != FINAL_FILE])
-            self.store.write_text(f"{self.rel}/{FINAL_FILE}", text)
-            return
-        tmp = self.local / (FINAL_FILE + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.local / FINAL_FILE)
+                                                                if p.name not in (FINAL_FILE, CHECKPOINT_FILE)])
+        self._write(FINAL_FILE, json.dumps(dict(final), indent=2).encode())
+        if self.store is not None:
+            self.store.delete(f"{self.rel}/{CHECKPOINT_FILE}")
+        else:
+            (self.local / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
 def local_cache(cfg: Any) -> Any:

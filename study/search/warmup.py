@@ -40,7 +40,7 @@ def _open(uri: str, go: threading.Event, state: dict) -> None:
             state["imported"].set()
         go.wait()
         if not state.get("cancelled"):
-            MlflowClient(tracking_uri=uri)._tracking_client.store  # noqa: B018 - cached per URI by MLflow
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # opens (creates) the store: cached per URI
     except Exception:  # noqa: BLE001 - reported by the real call
         pass
 
@@ -124,8 +124,8 @@ class ReportPreload(Callback):
 class ParentRun:
     """`open()`, the study's MLflow parent run id, computed in a thread from now on (mlflow imported first, in
     the caller's thread or by the warm-up); calling this waits for it and raises what `open` raised.
-    Pickled (Tune pickles its callbacks with the Tuner) as the id if it is known by then, else as unknown:
-    a restored study makes its callbacks anew."""
+    Pickled (Tune pickles its callbacks with the Tuner, into its scratch folder) as the id if it is known by
+    then, else as unknown: nothing reads that pickle back, a resumed study makes its callbacks anew."""
 
     def __init__(self, open: Callable[[], str]):
         import_mlflow()
@@ -150,7 +150,7 @@ class ParentRun:
         if "error" in self._result:
             raise self._result["error"]
         if "run_id" not in self._result:
-            raise RuntimeError("the study's MLflow parent run is unknown here (a callback restored from a pickle)")
+            raise RuntimeError("the study's MLflow parent run is unknown here (a callback unpickled)")
         return self._result["run_id"]
 
     def __getstate__(self) -> dict[str, Any]:
