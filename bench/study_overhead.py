@@ -121,16 +121,16 @@ def _wrap_driver(timers: DriverTimers) -> None:
     from ray import tune
     from ray.tune.execution.tune_controller import TuneController
 
-    from study.search import optuna_search, runner, tracking
+    from study.search import runner, tracking
+    from study.search.searcher import StudySearch
 
     timers.wrap(runner.Study, "finish", "finish")
     timers.wrap(tune.Tuner, "fit", "fit")
     timers.wrap(TuneController, "checkpoint", "snapshot")  # called every controller step; writes when due
     for m in ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"):
         timers.wrap(tracking.MlflowTrialCallback, m, "mlflow")
-    search = optuna_search.searcher_class()
     for m in ("suggest", "on_trial_complete"):
-        timers.wrap(search, m, "optuna")
+        timers.wrap(StudySearch, m, "optuna")
 
 
 # ---------------------------------------------------------------------------------------------------
