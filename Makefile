@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # pip constraints: the versions CI passed with (empty = the newest the ranges in pyproject.toml allow)
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: venv quickstart test test-fast bench clean fashion-data browser experiment-methods experiment-search \
+.PHONY: venv quickstart test test-fast bench clean wheel fashion-data browser experiment-methods experiment-search \
         experiment-methods-quick experiment-search-quick
 
 venv: $(STAMP)
@@ -27,6 +27,13 @@ test: $(STAMP) fashion-data browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# What a cluster's nodes install (cluster.yaml copies dist/ to every node): the project's wheel and the
+# constraints it is installed with.
+wheel: $(STAMP)
+	rm -rf dist && mkdir -p dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+	cp constraints.txt dist/
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
