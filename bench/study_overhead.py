@@ -72,7 +72,7 @@ def timed_trial(cfg, *, on_epoch=None, resume_state=None, log: str):
 
 
 def timed_pretrain(cfg, *, log: str):
-    """The pipeline's pretrain where the study runs it (a process forked from the driver, or a Ray task), its end appended to `log`."""
+    """The pipeline's pretrain where the study runs it (a process spawned by the driver, or a Ray task), its end appended to `log`."""
     from study.trial.pipeline import pretrain
 
     start = time.time()
@@ -341,7 +341,7 @@ def table(r: dict[str, Any], machine: common.Machine) -> common.Table:
     notes = [
         f"`{r['space']}` with study.n_trials={r['n_trials']}" + "".join(f", {k}={v}" for k, v in over.items())
         + f" ({r['concurrency']} trials at a time, {r['cpus_per_trial']:g} CPU each), no final evaluation: the study = "
-        "study.search.runner.run_study (pretraining: in a process forked from the driver on a one-machine CPU study, study.search.dense; "
+        "study.search.runner.run_study (pretraining: in a process spawned by the driver on a one-machine CPU study, study.search.dense; "
         "Tune + Optuna, MLflow sqlite tracking, resume checkpoints by time (study.checkpoint_every_s: 60 s, so none in "
         "these trials), Pareto front + report), Ray's start-up and "
         "shutdown included; the plain script = study.trial.pipeline.pretrain "

@@ -1,5 +1,5 @@
 """What the driver does ahead of time (study.search.warmup, study.search.dense): a one-machine CPU study
-starts pretraining in a process forked before Ray starts; MLflow's import and store open in a thread while
+starts pretraining in a process spawned before Ray starts; MLflow's import and store open in a thread while
 Ray starts, and the Tracker waits for it; the report's imports start once no trial is left to start."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ ray.cloudpickle.register_pickle_by_value(conftest)  # the trial workers do not s
 from study.search.space import load_space
 
 def pretrain(cfg):
-    import ray  # imported by the driver before the fork; a fork before ray.init copies an uninitialized Ray
+    import ray  # a fresh interpreter (spawned, never forked): Ray is not initialized in it
     with open({log!r}, "w") as f:
         json.dump({{"ray_up": ray.is_initialized(), "pid": os.getpid(), "ppid": os.getppid()}}, f)
     return fake_pretrain(cfg)
@@ -36,7 +36,7 @@ print("DRIVER", os.getpid(), out.status, out.complete)
 """
 
 
-def test_a_one_machine_cpu_study_pretrains_in_a_process_forked_before_ray_starts(tmp_path):
+def test_a_one_machine_cpu_study_pretrains_in_a_process_spawned_before_ray_starts(tmp_path):
     log = tmp_path / "pretrain.json"
     code = DRIVER.format(tests=str(TESTS), log=str(log), runs=str(tmp_path / "runs"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -44,9 +44,9 @@ def test_a_one_machine_cpu_study_pretrains_in_a_process_forked_before_ray_starts
     driver = next(line.split() for line in done.stdout.splitlines() if line.startswith("DRIVER"))
     assert driver[2:] == ["complete", "1"]
     seen = json.loads(log.read_text())
-    assert seen["ray_up"] is False  # forked before ray.init: Ray's start-up overlapped the pretraining
+    assert seen["ray_up"] is False  # spawned before ray.init: Ray's start-up overlapped the pretraining
     assert seen["ppid"] == int(driver[1]) and seen["pid"] != int(driver[1])
-    assert "forked from the driver" in done.stdout
+    assert "spawned by the driver" in done.stdout
 
 
 def test_the_tracker_waits_for_the_mlflow_warm_up_on_a_new_store(tmp_path, monkeypatch):

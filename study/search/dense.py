@@ -7,13 +7,14 @@ worker's start (a new process importing torch: 3-4 s on a 2-core CPU) in series 
 
 - cached (the checkpoint for this config's pretrain_key is in the study's cache, local or in the bucket,
   or `trial.pretrained` names an existing file): nothing to do, the trials read it;
-- one machine without GPUs for the trials (Ray's only node is the driver's, or the local Ray this driver is
-  about to start): a child process forked from the driver trains it (no Ray worker to start and no torch
-  import: the fork shares the driver's; no GIL shared with the driver's own set-up) and writes a marker file
-  when it is done. It can start before Ray does (`run_study` starts it first), so Ray's start-up, the
-  MLflow and Optuna stores and the trial workers' start all overlap it;
-- otherwise (a cluster, or GPUs): a Ray task on the resources of one trial (CPUs reserved only on a
-  cluster: on one machine every trial slot starts its worker meanwhile).
+- a one-machine study without GPUs for the trials, whose driver is about to start its own local Ray
+  (study.search.startup.EarlyStart): a child process SPAWNED by the driver (a fresh interpreter: no GIL
+  shared with the driver's own set-up) trains it and writes a marker file when it is done. It starts
+  before Ray does, so Ray's start-up, the MLflow and Optuna stores and the trial workers' start all overlap
+  it. Never a fork: a fork of a driver that has run torch deadlocks in the child's OpenMP thread pool as
+  soon as it uses more than one thread (seen: `study.cpus_per_trial: 2` on a 2-core machine hung forever);
+- otherwise (a joined cluster, GPUs, Ray already up): a Ray task on the resources of one trial (CPUs
+  reserved only on a cluster: on one machine every trial slot starts its worker meanwhile).
 
 The trials get `Pretraining.handle()` (study_trainable's `dense`) and `wait_for()` it before they read
 the cache. The driver follows the pretraining through `guard()`, a Tune stopper polled on every
@@ -22,11 +23,12 @@ controller step: it prints when the model is ready and stops the search at once 
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -78,7 +80,7 @@ def single_machine(cpus: float) -> bool:
 
 def local_cpu_study(address: str | None, gpus_setting: Any, cpus: float) -> bool:
     """Before Ray starts: will this driver start a local Ray (no address, no $RAY_ADDRESS) whose trials get
-    no GPU? (Then pretraining can start at once, in a forked process.) With Ray already up: single_machine."""
+    no GPU? (Then pretraining can start at once, in a spawned process.) With Ray already up: single_machine."""
     import ray
 
     if ray.is_initialized():
@@ -110,7 +112,8 @@ def wait_for(handle: Any) -> None:
 
 class Pretraining:
     """The dense model of one study run: how it is obtained, its handle for the trials, its outcome.
-    `local`: a one-machine CPU study (local_cpu_study), None = ask Ray (single_machine)."""
+    `local`: a one-machine CPU study before its Ray starts (local_cpu_study): a spawned process; otherwise a
+    Ray task."""
 
     def __init__(self, cfg: Any, cpus: float, gpus: float, pretrain: Callable | None, task: Callable,
                  local: bool | None = None, needed: bool = True):
@@ -130,29 +133,28 @@ class Pretraining:
             print(f"[study] dense model found in the cache: {self.path}", flush=True)
             return
         threads = max(1, int(cpus))
-        one_node = bool(local) or single_machine(cpus)  # asked of Ray once
-        local = (gpus == 0 and one_node) if local is None else local
-        where = "in a process forked from the driver" if local else f"as a Ray task on {cpus:g} CPU / {gpus:g} GPU"
+        local = bool(local)
+        where = "in a process spawned by the driver" if local else f"as a Ray task on {cpus:g} CPU / {gpus:g} GPU"
         print(f"[study] pretraining the dense model ({cfg.pretrain_key()}) {where}; the trials wait for it ...",
               flush=True)
         if local:
             self.marker = Path(tempfile.mkdtemp(prefix="study-dense-")) / "ready"
-            self.process = multiprocessing.get_context("fork").Process(
-                target=_train_in_child, args=(task, cfg, threads, pretrain, str(self.marker)),
-                name="study-pretraining", daemon=True)
-            self.process.start()
+            self.process = _spawn(task, cfg, threads, pretrain, self.marker)
             return
         import ray
 
-        cpus_reserved = 0 if one_node else cpus  # one node: every trial slot starts its worker meanwhile
+        cpus_reserved = 0 if single_machine(cpus) else cpus  # one node: every trial slot starts its worker meanwhile
         self.ref = ray.remote(num_cpus=cpus_reserved, num_gpus=gpus)(task).remote(cfg, threads, pretrain)
 
     def cancel(self) -> None:
         """The driver gives up (an error, Ctrl-C, the time budget): stop the pretraining process or task and
         remove the marker's folder. A model already written stays in the cache."""
-        if self.process is not None and self.process.is_alive():
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.join(5)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         if self.ref is not None and self.path is None and self.error is None:
             import ray
 
@@ -169,10 +171,11 @@ class Pretraining:
     def poll(self, timeout: float = 0) -> bool:
         """True once pretraining has ended (or there was none); records its path or its error."""
         if self.process is not None and self.path is None and self.error is None:
-            self.process.join(timeout)
-            if self.process.is_alive():
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
                 return False
-            self.path, self.error = _child_outcome(self.marker, self.process.exitcode)
+            self.path, self.error = _child_outcome(self.marker, self.process.returncode)
         elif self.ref is not None and self.path is None and self.error is None:
             import ray
 
@@ -217,9 +220,23 @@ class Pretraining:
         return PretrainingGuard()
 
 
-def _train_in_child(task: Callable, cfg: Any, threads: int, pretrain: Callable | None, marker: str) -> None:
-    """The forked pretraining process: the checkpoint's path into `marker`, or the exception into
-    `marker`.error (pickled; its text where it does not pickle). Dies with the driver (Linux)."""
+def _spawn(task: Callable, cfg: Any, threads: int, pretrain: Callable | None, marker: Path) -> subprocess.Popen:
+    """`python -m study.search.dense MARKER` with the job on its stdin (cloudpickle: by value for a function
+    of a script's __main__, by reference for a module's), the driver's sys.path as its PYTHONPATH. A plain
+    subprocess rather than multiprocessing's spawn, which re-runs the driver's main module in the child."""
+    import cloudpickle
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "study.search.dense", str(marker)], stdin=subprocess.PIPE, env=env)
+    proc.stdin.write(cloudpickle.dumps((task, cfg, threads, pretrain)))
+    proc.stdin.close()
+    return proc
+
+
+def _train_in_child(job: bytes, marker: str) -> None:
+    """The spawned pretraining process: the checkpoint's path into `marker`, or the exception into
+    `marker`.error (pickled; its text where it does not pickle). Dies with the driver (Linux). `job` is the
+    driver's own (task, cfg, threads, pretrain), handed over in memory."""
     try:
         import ctypes
 
@@ -229,6 +246,9 @@ def _train_in_child(task: Callable, cfg: Any, threads: int, pretrain: Callable |
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle (it cancels this process)
     try:
+        import cloudpickle
+
+        task, cfg, threads, pretrain = cloudpickle.loads(job)
         path = str(task(cfg, threads, pretrain))
     except BaseException as e:  # noqa: BLE001 - handed to the driver
         text = "".join(traceback.format_exception(e))
@@ -252,3 +272,7 @@ def _child_outcome(marker: Path, exitcode: int | None) -> tuple[str | None, Base
         return None, pickle.loads(error.read_bytes())
     return None, RuntimeError(f"the pretraining process ended without a result (exit code {exitcode}: "
                               "killed, or out of memory?)")
+
+
+if __name__ == "__main__":  # the spawned pretraining process (see _spawn)
+    _train_in_child(sys.stdin.buffer.read(), sys.argv[1])

@@ -128,7 +128,7 @@ class Study:
 
     def start_pretraining(self, cpus: float, gpus: float, needed: bool = True) -> Any:
         """The dense model, once per study (study.search.dense): the one a one-machine CPU study started before
-        Ray (study.search.startup.EarlyStart, in a process forked from the driver), else from the cache or a Ray
+        Ray (study.search.startup.EarlyStart, in a process spawned by the driver), else from the cache or a Ray
         task on a trial's resources, while the driver sets up and the trials' workers start; `threads` = the
         trial's CPUs.
 

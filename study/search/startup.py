@@ -1,5 +1,5 @@
 """What `study run` and `study resume` do before their Study exists: the checks that need no Ray, then
-(for a one-machine CPU study) the dense model's pretraining in a process forked from the driver and MLflow's
+(for a one-machine CPU study) the dense model's pretraining in a process spawned by the driver and MLflow's
 import in a thread (study.search.dense, study.search.warmup), then Ray, started or joined, and the checks
 that need it. Ray's start-up (3-5 s on a 2-core CPU) thus overlaps the pretraining instead of preceding it.
 
@@ -52,8 +52,8 @@ def start_ray_checked(space: SearchSpace, address: str | None, num_cpus: int | N
 
 class EarlyStart:
     """Started before Ray: the pretraining of a one-machine CPU study (`dense`, a dense.Pretraining; None
-    elsewhere: Study.execute starts it on Ray) and MLflow's import. The fork comes first, so that it copies
-    no import another thread has half done."""
+    elsewhere: Study.execute starts it on Ray) and MLflow's import. The process is spawned first, before the
+    MLflow import thread starts."""
 
     def __init__(self, space: SearchSpace, paths: StudyPaths, pretrain: Callable | None, address: str | None,
                  num_cpus: int | None, tracking_uri: str, trials_left: bool = True):
