@@ -98,9 +98,11 @@ class StudyLock:
         while True:
             try:
                 return _parse(self._read())
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return None
-            except (OSError, ValueError, UnicodeDecodeError) as e:
+            except OSError as e:  # e.g. no permission: not a lock that can be judged stale
+                return {"unreadable": e.strerror or str(e)}
+            except ValueError as e:  # UnicodeDecodeError included
                 if time.monotonic() >= deadline:
                     return {"unreadable": str(e) or type(e).__name__}
             time.sleep(0.05)
