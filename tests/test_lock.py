@@ -145,3 +145,24 @@ def test_a_lock_being_written_is_taken_once_complete(tmp_path, monkeypatch):
     threading.Timer(0.3, lambda: (root / ".lock").write_text(live)).start()
     with pytest.raises(UserError, match=f"pid {os.getpid()}"):
         StudyLock(root).acquire("second")
+
+
+def test_a_process_stuck_inside_the_guard_is_refused_after_a_while(tmp_path, monkeypatch):
+    """The guard is held for milliseconds by an acquire(); one held longer (a driver stopped mid-acquire) makes
+    the next acquire() give up in one line instead of waiting for ever."""
+    import fcntl
+
+    from study.errors import UserError
+    from study.search import lock as lock_mod
+    from study.search.lock import GUARD_FILE, StudyLock
+
+    monkeypatch.setattr(lock_mod, "GUARD_WAIT_S", 0.3)
+    root = tmp_path / "study"
+    root.mkdir()
+    with open(root / GUARD_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another process has held it for 0.3 s"):
+            StudyLock(root).acquire("waiting")
+        assert not (root / ".lock").exists()
+    with StudyLock(root).acquire("after"):  # released: taken at once
+        assert json.loads((root / ".lock").read_text())["command"] == "after"

@@ -45,6 +45,7 @@ log = logging.getLogger("study.search")
 LOCK_FILE = ".lock"
 GUARD_FILE = ".lock.guard"
 BEING_WRITTEN_WAIT_S = 2.0  # how long an unparseable lock is re-read before it is refused as held
+GUARD_WAIT_S = 30.0  # how long acquire() waits for another acquire() to leave the guard
 
 
 def _process_start(pid: int) -> str:
@@ -71,6 +72,23 @@ def _parse(text: str) -> dict[str, Any]:
     if not isinstance(data, dict) or "pid" not in data or "host" not in data:
         raise ValueError("not a lock record")
     return data
+
+
+def _flock_within(fd: int, seconds: float, guard: Path) -> None:
+    """An exclusive flock on `fd`, waited for up to `seconds` (its holders keep it for milliseconds)."""
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise UserError(f"{guard}: another process has held it for {seconds:g} s while taking the study "
+                                "lock; is a driver stopped (kill -STOP)?") from None
+            time.sleep(0.005)
 
 
 class StudyLock:
@@ -161,13 +179,11 @@ class StudyLock:
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
         """An exclusive flock on GUARD_FILE for the duration (see the module's docstring)."""
-        import fcntl
-
         guard = self.path.parent / GUARD_FILE
         while True:
             fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock_within(fd, GUARD_WAIT_S, guard)
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
@@ -203,7 +219,10 @@ class StudyLock:
     def _publish(self, record: dict) -> None:
         """Create the lock whole (a private temporary file hard-linked to it); FileExistsError if there is one."""
         tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{record['token'][:8]}.tmp")
-        tmp.write_text(json.dumps(record))
+        with open(tmp, "w") as f:  # on disk before it is linked: a crash never leaves an empty lock
+            f.write(json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.link(tmp, self.path)
         except FileExistsError:

@@ -60,7 +60,7 @@ class S3Lock:
 
     def _put(self, record: dict, **condition: str) -> bool:
         """One conditional PUT; False when its condition failed."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(record).encode(),
@@ -70,10 +70,12 @@ class S3Lock:
             if self._code(e) == "exists":
                 return False
             raise OSError(f"{self.url}: {e}") from None
+        except BotoCoreError as e:  # no credentials, no endpoint
+            raise OSError(f"{self.url}: {e}") from None
 
     def _get(self) -> tuple[str, str] | None:
         """(text, ETag) of the lock, None when there is none."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             got = self.client.get_object(Bucket=self.bucket, Key=self.key)
@@ -81,6 +83,8 @@ class S3Lock:
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
+            raise OSError(f"{self.url}: {e}") from None
+        except BotoCoreError as e:
             raise OSError(f"{self.url}: {e}") from None
 
     def acquire(self, record: dict, judge: Callable[[dict | None], dict | None],
