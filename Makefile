@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # pip constraints: the versions CI passed with (empty = the newest the ranges in pyproject.toml allow)
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: venv quickstart test test-fast bench clean wheel fashion-data browser experiment-methods experiment-search \
+.PHONY: venv quickstart test test-fast soak bench clean wheel fashion-data browser experiment-methods experiment-search \
         experiment-methods-quick experiment-search-quick
 
 venv: $(STAMP)
@@ -23,10 +23,14 @@ quickstart: $(STAMP)
 	$(BIN)/study run --fresh search_spaces/quickstart.yaml
 
 test: $(STAMP) fashion-data browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not soak" tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not soak" tests
+
+# The race tests repeated long enough to catch a rare interleaving (e.g. 1,000 races for the study lock).
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m soak tests
 
 # What a cluster's nodes install (cluster.yaml copies dist/ to every node): the project's wheel and the
 # constraints it is installed with.

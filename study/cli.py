@@ -252,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     func: Callable[[argparse.Namespace], int] = args.func
+    if args.command in ("run", "resume"):  # before anything imports ray (study.search.ray_cluster)
+        from study.search.ray_cluster import keep_local_ray_on_loopback
+
+        keep_local_ray_on_loopback(args.address)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's Python stack to stderr (a hang's where)
         try:
             faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)

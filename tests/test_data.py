@@ -216,6 +216,61 @@ def test_cifar_values_and_layout(tmp_path):
     assert torch.equal(s.y_test, torch.from_numpy(written["y_test"]))
 
 
+class _Planted:
+    """A pickled object whose unpickling runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_a_crafted_cifar_batch_is_refused_and_never_runs(tmp_path, capsys):
+    """A CIFAR-shaped folder whose data_batch_1 carries a __reduce__ (here: touch a marker file): loading is
+    refused in one line naming the file, the marker is never made; `study trial` exits 2, no traceback."""
+    from study.cli import main
+
+    write_files("cifar10", tmp_path)
+    marker = tmp_path / "owned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((10, 3072), np.uint8), b"labels": [0] * 10, b"x": _Planted(marker)}, f,
+                    protocol=2)
+    with pytest.raises(DataError) as e:
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert not marker.exists(), "the planted pickle ran its command"
+    msg = str(e.value)
+    assert "\n" not in msg and str(batch) in msg and "refused" in msg and "system" in msg, msg
+    trial = tmp_path / "trial.yaml"
+    trial.write_text(f"data: {{name: cifar10, root: {tmp_path}}}\n")
+    assert main(["trial", str(trial), "--set", "pretrain.epochs=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("study: error: ") and str(batch) in err[0], err
+    assert not marker.exists()
+
+
+def test_genuine_cifar_batches_in_the_real_pickle_format_load(tmp_path):
+    """The real files: protocol 2, bytes keys (Python 2's cPickle), a uint8 array and lists of ints/bytes."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    batches_written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x, y = rng.integers(0, 256, (8, 3072), dtype=np.uint8), rng.integers(0, 10, 8).tolist()
+        entry = {b"batch_label": name.encode(), b"labels": y, b"data": x,
+                 b"filenames": [f"{i}.png".encode() for i in range(8)]}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        batches_written[name] = (x, y)
+    raw = DATASETS.get("cifar10")().read(tmp_path, False)
+    x_test, y_test = batches_written["test_batch"]
+    assert np.array_equal(raw.x_test, x_test.reshape(-1, 3, 32, 32)) and raw.y_test.tolist() == y_test
+    assert raw.x_train.shape == (40, 3, 32, 32)
+    assert np.array_equal(raw.x_train[:8], batches_written["data_batch_1"][0].reshape(-1, 3, 32, 32))
+
+
 def test_svhn_values_layout_and_label_ten_is_zero(tmp_path):
     written = write_files("svhn", tmp_path)
     s = load_dataset(DataConfig(name="svhn", root=str(tmp_path)))

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -152,6 +153,54 @@ def test_lock_of_an_object_store_study_lives_in_the_bucket(aws, tmp_path):
     with pytest.raises(UserError, match="host elsewhere"):
         StudyLock(tmp_path / "mirror", store).acquire()
     store.delete(LOCK_FILE)
+
+
+def test_lock_in_a_bucket_is_a_conditional_write(aws, tmp_path):
+    """S3's conditional writes: the lock is created only where there is none (IfNoneMatch), and a stale lock
+    is replaced only if nobody replaced it since it was read (IfMatch on its ETag). Here another driver
+    takes the stale lock between our read and our write: our write fails, and we are refused."""
+    from study.errors import UserError
+    from study.search import lock_s3
+    from study.search.lock import LOCK_FILE, StudyLock
+    from study.search.store import Store
+
+    store = Store(f"s3://{BUCKET}/unit/cas")
+    dead = json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "start": "", "since": 0, "command": "x"})
+    live = json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "start": "", "since": 0,
+                       "command": "the other driver"})
+    store.write_text(LOCK_FILE, dead)
+    real_judge = StudyLock._judge
+    calls = []
+
+    def judge_then_lose_the_race(self, data):
+        verdict = real_judge(self, data)
+        if not calls:
+            calls.append(verdict)
+            store.write_text(LOCK_FILE, live)  # the other driver wins the takeover right now
+        return verdict
+
+    puts = []
+    real_put = lock_s3.S3Lock._put
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(StudyLock, "_judge", judge_then_lose_the_race)
+        m.setattr(lock_s3.S3Lock, "_put", lambda self, record, **c: puts.append(c) or real_put(self, record, **c))
+        with pytest.raises(UserError, match="the other driver"):
+            StudyLock(tmp_path / "mirror", store).acquire("loser")
+    assert calls == [None]  # it judged the dead driver's lock stale ...
+    assert [list(c) for c in puts][:2] == [["IfNoneMatch"], ["IfMatch"]]  # ... and its IfMatch write failed
+    assert json.loads(store.read_text(LOCK_FILE))["command"] == "the other driver"
+    store.write_text(LOCK_FILE, dead)  # a stale lock nobody races for is taken over
+    with StudyLock(tmp_path / "mirror", store).acquire("winner"):
+        assert json.loads(store.read_text(LOCK_FILE))["command"] == "winner"
+    assert not store.is_file(LOCK_FILE)
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
 
 
 # --- the checks before Ray starts ------------------------------------------------------------------------

@@ -188,8 +188,8 @@ def test_unreachable_tracking_uri_is_refused_quickly(tmp_path, capsys):
 
 def test_missing_database_driver_is_named(tmp_path, capsys):
     line = _refused_before_creation(tmp_path, capsys, "--storage", "postgresql://u@127.0.0.1/x",
-                                    expect="driver is not installed")
-    assert "psycopg2" in line
+                                    expect="driver is not installed (psycopg)")
+    assert "pip install 'psycopg[binary]'" in line  # SQLAlchemy 2.1's postgresql:// imports psycopg 3, not psycopg2
 
 
 def test_zero_cpus_and_a_dead_address_are_refused(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """Checks made before a study creates anything (one line, exit status 2 through study.cli): the runs folder
-(an object-store bucket must exist and accept these credentials), the data set
-is on disk, the MLflow tracking URI answers, the Optuna storage's driver imports and it connects, the
-Ray address answers, and a trial's resources fit the cluster."""
+(a local one exists or can be made, is a folder, is writable, and no name in its path is longer than the
+file system allows; an object-store bucket must exist and accept these credentials), the data set is on
+disk, the MLflow tracking URI has a scheme MLflow stores runs in and answers, the Optuna storage's driver
+imports and it connects (a sqlite file, and the folder SQLite writes its journal in, must be writable), the
+Ray address answers, and a trial's resources fit the cluster. None of them creates a file or a folder."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +12,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from study.errors import UserError
@@ -26,8 +29,24 @@ def check_data(space: Any) -> None:
     load_dataset(space.base_config().data, "cpu")
 
 
+# Tracking URI schemes MLflow stores runs in (a path without a scheme is a file store; a database scheme may
+# name its driver: postgresql+psycopg://...).
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 def check_tracking(uri: str) -> None:
-    """An http(s) tracking server must answer within a few seconds (MLflow itself retries for minutes)."""
+    """The tracking URI's scheme must be one MLflow stores runs in; a local store's folder must be writable;
+    an http(s) tracking server must answer within a few seconds (MLflow itself retries for minutes)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise UserError(f"--tracking-uri {_hide_password(uri)}: MLflow cannot store runs at a {scheme}:// URI; use "
+                        f"one of {', '.join(s + '://' for s in TRACKING_SCHEMES)} or a folder (default: "
+                        "sqlite:///<runs-dir>/mlflow.db)")
+    if scheme == "sqlite":
+        check_sqlite_file(uri, "--tracking-uri")
+    elif scheme in ("", "file") and not uri.startswith("databricks"):
+        folder = uri[len("file://"):] if scheme == "file" else uri
+        check_local_dir(folder, f"--tracking-uri {uri}")
     if not uri.startswith(("http://", "https://")):
         return
     url = uri.rstrip("/") + "/health"
@@ -43,11 +62,55 @@ def check_tracking(uri: str) -> None:
                         "--tracking-uri out for the local store runs/mlflow.db") from None
 
 
+def check_local_dir(path: str | os.PathLike, what: str, write: bool = True) -> None:
+    """A folder the study writes in (or will make): no name on its path longer than the file system allows
+    (PC_NAME_MAX), what exists of it a folder (not a file), and the deepest existing part writable. Nothing
+    is created (os.access honours permissions, capabilities and read-only mounts)."""
+    absolute = Path(os.path.abspath(Path(path).expanduser()))
+    existing, missing = Path(absolute.anchor), False
+    for part in absolute.parts[1:]:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UserError(f"{what}: the name {part[:24]}... is {size} bytes long; the file system of {existing} "
+                            f"allows {limit}")
+        if missing:
+            continue
+        nxt = existing / part
+        if not nxt.exists():
+            missing = True
+        elif not nxt.is_dir():
+            raise UserError(f"{what}: {nxt} is a file, not a folder")
+        else:
+            existing = nxt
+    if write and not os.access(existing, os.W_OK | os.X_OK):
+        made = "" if existing == absolute else f" (where {absolute.relative_to(existing)} would be made)"
+        raise UserError(f"{what}: {existing} is not writable{made}; choose a folder you can write to")
+
+
+def check_sqlite_file(url: str, what: str, kind: str = "database file") -> None:
+    """A sqlite URL's file (or an Optuna journal file) must be a writable file or creatable, in a writable
+    folder: SQLite writes its rollback journal (-journal, -wal) beside the database, the journal storage its
+    lock file beside the journal."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else "" if url.startswith("sqlite:") else url
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:":
+        return
+    file = Path(path).expanduser()
+    shown = f"{what} {url}"
+    check_local_dir(file.parent, shown)
+    if file.is_dir():
+        raise UserError(f"{shown}: {file} is a folder, not a {kind}")
+    if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+        raise UserError(f"{shown}: the {kind} {file} is not writable")
+
+
 def check_runs_dir(runs_dir: Any, write: bool = True) -> None:
     """--runs-dir: a local folder, or an object-store URI whose bucket exists and that these credentials can
     read (and write, with `write`); study.search.store.check."""
     text = str(runs_dir)
     if "://" not in text:
+        check_local_dir(text, f"--runs-dir {text}", write=write)
         return
     from study.search import store
 
@@ -64,7 +127,13 @@ def check_storage(url: str) -> None:
         raise UserError(f"--storage {url}: an Optuna journal file needs file locks, which an object store does not "
                         "have; use a database URL (postgresql://..., mysql://...) or a sqlite file on the driver's "
                         "disk (the default for an object-store --runs-dir)")
-    if "://" not in url or url.startswith(("sqlite:", "journal:")):
+    if url.startswith("sqlite:"):
+        check_sqlite_file(url, "--storage")
+        return
+    if journal:
+        check_sqlite_file(journal, "--storage", kind="journal file")
+        return
+    if "://" not in url:
         return
     import sqlalchemy
     from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
@@ -75,7 +144,7 @@ def check_storage(url: str) -> None:
     except (ImportError, ModuleNotFoundError) as e:
         name = getattr(e, "name", None) or str(e)
         raise UserError(f"--storage {shown}: the database driver is not installed ({name}); "
-                        f"install it (e.g. pip install {_driver_package(url)})") from None
+                        f"install it (e.g. pip install {_driver_package(url, name)})") from None
     except NoSuchModuleError as e:
         raise UserError(f"--storage {shown}: unknown database dialect ({e})") from None
     except (SQLAlchemyError, ValueError) as e:
@@ -98,11 +167,19 @@ def _timeout_args(url: str) -> dict:
     return {}
 
 
-def _driver_package(url: str) -> str:
+# pip packages of the driver modules SQLAlchemy imports (SQLAlchemy 2.1's postgresql:// imports psycopg 3).
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "pymysql", "asyncpg": "asyncpg", "pg8000": "pg8000", "pyodbc": "pyodbc"}
+
+
+def _driver_package(url: str, module: str = "") -> str:
+    """The package that provides the missing driver `module` of `url` (SQLAlchemy's name for it)."""
+    if module.split(".")[0] in DRIVER_PACKAGES:
+        return DRIVER_PACKAGES[module.split(".")[0]]
     scheme = url.split("://", 1)[0]
     if "+" in scheme:
         return scheme.split("+", 1)[1]
-    return {"postgresql": "psycopg2-binary", "postgres": "psycopg2-binary", "mysql": "mysqlclient"}.get(scheme, scheme)
+    return {"postgresql": DRIVER_PACKAGES["psycopg"], "mysql": "mysqlclient"}.get(scheme, scheme)
 
 
 def _hide_password(url: str) -> str:

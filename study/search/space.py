@@ -28,6 +28,7 @@ from study.search.objectives import DEFAULT_OBJECTIVES, Objective, check_suite_o
 from study.search.robust_settings import (CONFIRM_DEFAULT, BaselineSettings, ConfirmSettings, RobustnessSettings,
                                           check_confirm, parse_baselines, parse_confirm)
 from study.trial.config import TrialConfig, build, in_range, merge, read_yaml, trial_from_dict, unflatten
+from study.trial.strict_yaml import refuse_non_finite
 
 TOP_KEYS = ("study", "trial", "search")
 PARAM_KEYS = ("float", "int", "choice", "log", "step", "when")
@@ -181,6 +182,7 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     `search.prune.keep_fraction.float`, or a whole `search.prune.keep_fraction` spec).
     """
     data = read_yaml(path)
+    refuse_non_finite(dict(overrides or {}))
     try:
         if overrides:
             data = _apply_overrides(data, overrides)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from study.errors import ConfigError, unknown_key, unknown_value
+from study.trial import strict_yaml
 
 
 def one_of(*names: str) -> dict[str, Any]:
@@ -319,35 +320,42 @@ def build(cls: type, data: Any, prefix: str = "", *, base: Any = None, strict: b
 
 
 def parse_value(text: str) -> Any:
-    """A `--set key=value` value, read as YAML (numbers, booleans, strings)."""
+    """A `--set key=value` value, read as YAML (numbers, booleans, strings; duplicate keys refused)."""
     try:
-        return yaml.safe_load(text)
+        return strict_yaml.loads(text)
     except yaml.YAMLError:
         return text
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set` pairs as dotted key -> value; a non-finite number (`.nan`, `.inf`) is refused."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(pair, "an override is written key=value (e.g. prune.keep_fraction=0.05)")
         key, value = pair.split("=", 1)
         out[key.strip()] = parse_value(value)
+        strict_yaml.refuse_non_finite(out[key.strip()], f"--set {key.strip()}")
     return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping: UTF-8 text, valid YAML, no duplicate keys, finite numbers only (each
+    mistake one ConfigError naming the file, the key and the line: study.trial.strict_yaml)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", "no such file", path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = strict_yaml.loads(strict_yaml.read_text(path), path) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"
         raise ConfigError(where, f"not valid YAML ({getattr(e, 'problem', e)})", path) from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read the file ({e.strerror or e})", path) from None
     if not isinstance(data, dict):
         raise ConfigError("", "the top level must be a mapping of keys", path)
+    strict_yaml.refuse_non_finite(data, "", path)
     return data
 
 
@@ -360,6 +368,7 @@ def trial_from_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] | None
 def load_trial(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrialConfig:
     """Load a trial config file. A search-space file works too: its `trial:` section is the trial."""
     data = read_yaml(path)
+    strict_yaml.refuse_non_finite(dict(overrides or {}), "", None)
     if "trial" in data and isinstance(data["trial"], Mapping) and ("search" in data or "study" in data):
         data = dict(data["trial"])
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from study.registry import Registry
+from study.trial.safe_unpickle import load_batch
 
 if TYPE_CHECKING:  # type hints only: config looks the registries up by name, and they never import it
     from study.trial.config import DataConfig
@@ -276,8 +276,12 @@ def _read_cifar10(root: Path, download: bool) -> _Raw:
     def load(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for f in files:
-            with open(folder / f, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
+            try:
+                entry = load_batch(folder / f)  # never plain pickle.load: a crafted file would run code
+                if "data" not in entry or "labels" not in entry:
+                    raise ValueError(f"{folder / f}: not a CIFAR-10 batch file (no 'data' and 'labels')")
+            except ValueError as e:
+                raise DataError(str(e)) from None
             xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(entry["labels"], dtype=np.int64))
         return np.concatenate(xs), np.concatenate(ys)
