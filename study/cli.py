@@ -155,7 +155,14 @@ def _add_study_commands(sub: Any) -> None:
 
 
 def _exit_code(outcome: Any) -> int:
-    return 0 if outcome.status == "complete" else 130
+    """0: the study ended with at least one finished trial; 1: every trial failed; 130: interrupted."""
+    if outcome.status != "complete":
+        return 130
+    if outcome.complete == 0 and outcome.failed > 0:
+        print(f"study: every trial failed ({outcome.failed} of {outcome.failed}): their reasons are in the table "
+              "above, in Optuna (fail_reason) and in MLflow", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ def _most_at_once(intervals):
 def test_trials_share_one_gpu_by_their_fraction(tmp_path, share, at_once):
     log = tmp_path / "trials.jsonl"
     space = load_space(QUICKSTART, {"study.n_trials": 4, "study.max_concurrent": 4, "study.cpus_per_trial": 1,
-                                    "study.gpus_per_trial": share})
+                                    "study.gpus_per_trial": share, "trial.device": "cpu"})  # the GPU is Ray's only
     outcome = runner.run_study(space, runs_dir=tmp_path / "runs", final_eval=False, pretrain=fake_pretrain,
                                run_trial=functools.partial(gpu_trial, log=str(log), started=str(tmp_path / "started"),
                                                            at_once=at_once))
@@ -71,3 +71,20 @@ def test_trials_share_one_gpu_by_their_fraction(tmp_path, share, at_once):
     assert len(rows) == 4
     assert all(r["gpus"] == ["0"] and r["visible"] == "0" for r in rows)  # the same GPU, shared
     assert _most_at_once([(r["start"], r["end"]) for r in rows]) == at_once
+
+
+@pytest.mark.usefixtures("ray_with_one_gpu")
+def test_a_trial_given_a_gpu_it_cannot_use_fails_in_one_line(tmp_path):
+    """Ray hands these trials a GPU that CUDA cannot see (a Ray resource only, like a node whose driver does
+    not match torch's CUDA build): without `trial.device: cpu` each fails with the reason, never trains on
+    the CPU without a word."""
+    import optuna
+
+    space = load_space(QUICKSTART, {"study.n_trials": 2, "study.max_concurrent": 2, "study.cpus_per_trial": 1,
+                                    "study.gpus_per_trial": 0.5})
+    outcome = runner.run_study(space, runs_dir=tmp_path / "runs", final_eval=False, pretrain=fake_pretrain,
+                               run_trial=fake_run_trial)
+    assert outcome.complete == 0
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'runs' / 'quickstart' / 'optuna.db'}")
+    reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]
+    assert len(reasons) == 2 and all("GpuUnusable" in r and "CUDA is unusable" in r for r in reasons), reasons

@@ -21,12 +21,16 @@ from study.search.space import SearchSpace
 
 def fixed_config(space: SearchSpace, paths: StudyPaths) -> dict[str, str]:
     """The trial config keys a study fixes: its name, the dense-model cache (the study's pretrained/ unless
-    the space names one) and the trials' output folder."""
-    cache = space.base_config().cache_dir
+    the space names one), the trials' output folder, and the data folder as an absolute path: Tune runs each
+    trial in a working directory of its own, where a relative `data.root` (the default `data`) names nothing."""
+    base = space.base_config()
     own_cache = paths.location("pretrained") if paths.remote else str(paths.pretrained)
-    return {"name": space.study.name,
-            "cache_dir": str(Path(cache).resolve()) if "cache_dir" in space.trial else own_cache,
-            "output_dir": paths.location("trials")}
+    fixed = {"name": space.study.name,
+             "cache_dir": str(Path(base.cache_dir).resolve()) if "cache_dir" in space.trial else own_cache,
+             "output_dir": paths.location("trials")}
+    if "://" not in base.data.root:
+        fixed["data.root"] = str(Path(base.data.root).expanduser().resolve())
+    return fixed
 
 
 def check(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:

@@ -62,6 +62,21 @@ def check_objectives(metrics: Mapping[str, Any], objectives: Sequence[str]) -> N
                                  f"{ {m: metrics.get(m) for m in bad} }")
 
 
+class GpuUnusable(RuntimeError):
+    """Ray gave the trial a GPU, but torch cannot use CUDA in its process."""
+
+
+def check_gpu(cfg: Any, gpu_ids: Sequence[Any], cuda_available: bool) -> None:
+    """A trial that holds a Ray GPU must not train on the CPU without a word: it fails in one line, unless its
+    config says `device: cpu` (a test cluster whose GPUs are Ray resources only)."""
+    if gpu_ids and cfg.device != "cpu" and not cuda_available:
+        import torch
+
+        raise GpuUnusable(f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} but CUDA is unusable in its "
+                          f"process (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): check "
+                          "the node's NVIDIA driver against torch's CUDA build, or set trial.device: cpu")
+
+
 def _node_id() -> str:
     import ray
 
@@ -108,6 +123,9 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
 
     try:
         cfg = local_cache(build_config(base, fixed, config))
+        import ray
+
+        check_gpu(cfg, ray.get_gpu_ids(), torch.cuda.is_available())
         final = _train(cfg, run_trial, on_epoch, resume_state, objectives, robustness, files)
     except Exception as e:  # noqa: BLE001 - the trial's own failure, recorded as such (see the docstring)
         import traceback
