@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from study.trial import sparse_file
+
 DEFAULT_EPS = {  # eps per threat, in each threat's unit (see study.robustness.Threat.unit)
     "linf": "0,1/255,2/255,4/255,8/255,16/255",
     "l2": "0,0.125,0.25,0.5,1,2",
@@ -34,6 +36,8 @@ def load(path: Path, arch: str, info, width: int, device: torch.device) -> nn.Mo
     from study.trial.models import create_model
     model = create_model(arch, info, width)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and ckpt.get("format") == sparse_file.FORMAT:
+        ckpt = sparse_file.decode(ckpt, str(path))  # an exported model, stored sparse
     model.load_state_dict(ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt)
     return model.to(device).eval()
 

@@ -26,6 +26,7 @@ from conftest import QUICKSTART
 from analysis import pareto, recommend
 from analysis.report_data import BASELINES_FILE, read_baselines
 from study.errors import ConfigError
+from study.trial.sparse_file import load_state
 from study.keys import NUMBER_KEY
 from study.search import baselines, layout, runner
 from study.search.robust_settings import ConfirmSettings
@@ -322,8 +323,8 @@ def test_a_tiny_digits_study_runs_its_lwm_baseline_and_reports_it(tmp_path, caps
         # the front trial's size: the same keep fraction, the same kept parameters (layer scope), layer by layer
         assert e["keep_fraction"] == t.params["prune.keep_fraction"]
         assert (e["params_kept"], e["prunable_kept"]) == (t.user_attrs["params_kept"], t.user_attrs["prunable_kept"])
-        lwm = torch.load(root / e["model"], weights_only=True)
-        hydra = torch.load(root / "trials" / f"{t.number:04d}" / "model.pt", weights_only=True)
+        lwm = load_state(root / e["model"])
+        hydra = load_state(root / "trials" / f"{t.number:04d}" / "model.pt")
         for name in names:
             kept = lwm[name].flatten() != 0
             assert int(kept.sum()) == int((hydra[name] != 0).sum()), name

@@ -86,6 +86,27 @@ def test_evaluate_a_checkpoint_with_eps_reference_and_autoattack(trial, tmp_path
     assert {t["threat"] for t in data["transfer"]} == {"linf", "l0"}
 
 
+def test_evaluate_reads_the_sparse_file_and_the_older_dense_one_alike(trial, tmp_path, capsys):
+    """model.pt is stored sparse (study.trial.sparse_file); a folder written before that holds the dense state
+    dict itself. Both evaluate to the same figures."""
+    import shutil
+
+    from study.trial.sparse_file import FORMAT, load_state
+
+    assert torch.load(trial / "model.pt", weights_only=True)["format"] == FORMAT
+    old = tmp_path / "old"
+    shutil.copytree(trial, old)
+    torch.save(load_state(trial / "model.pt"), old / "model.pt")  # the dense format
+    figures = []
+    for folder in (trial, old):
+        out = tmp_path / f"{folder.name}.json"
+        assert main(["-q", "evaluate", str(folder), "--threats", "linf", "--eps", "linf=0,1/20", *FAST,
+                     "--points", "16", "--json", str(out)]) == 0
+        figures.append(json.loads(out.read_text())["curves"])
+    capsys.readouterr()
+    assert figures[0] == figures[1]
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--threats", "linf,l3"], "unknown threat 'l3'"),
     (["--threats", "linf", "--eps", "linf=0,2"], "outside [0, 1]"),

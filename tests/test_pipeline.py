@@ -155,5 +155,9 @@ def test_result_save_writes_json_and_weights(tmp_path):
     payload = json.loads((out / "result.json").read_text())
     assert payload["config"]["prune"]["method"] == "lwm"
     assert payload["metrics"]["compression"] > 1
-    state = torch.load(out / "model.pt", weights_only=True)
-    assert set(state) == set(result.model_state)
+    from study.trial.sparse_file import FORMAT, load_state
+
+    assert torch.load(out / "model.pt", weights_only=True)["format"] == FORMAT  # stored sparse
+    state = load_state(out / "model.pt")
+    assert list(state) == list(result.model_state)
+    assert all(torch.equal(state[k], v) for k, v in result.model_state.items())

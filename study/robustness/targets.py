@@ -182,8 +182,15 @@ def read_checkpoint(path: Path) -> Any:
 
     import torch
 
+    from study.trial.sparse_file import FORMAT, SparseFileError, decode
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            return decode(payload, str(path))  # the sparse file: back to the dense state dict
+        return payload
+    except SparseFileError as e:
+        raise UserError(str(e)) from None
     except pickle.UnpicklingError as e:
         text = str(e)
         if "GLOBAL" in text or "Unsupported global" in text or "Unsupported class" in text:

@@ -245,7 +245,8 @@ def run_baselines(st: "Study", optuna_study: Any, tracker: Any, cpus: float, gpu
 
 def _run(st: "Study", todo: list, entries: list, confirm: Any, cpus: float, gpus: float) -> None:
     import ray
-    import torch
+
+    from study.trial import sparse_file
 
     s = st.space.study
     searched_eps = {"attack.eps", "eval.eps"} & set(st.space.keys)
@@ -265,7 +266,7 @@ def _run(st: "Study", todo: list, entries: list, confirm: Any, cpus: float, gpus
             continue
         rel = f"{MODELS_DIR}/{first:04d}/model.pt"
         (st.paths.root / rel).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, st.paths.root / rel)
+        sparse_file.save(state, st.paths.root / rel)  # stored as the trials' models are
         entries[i] = make_entry(entry, settings, metrics, payload, rel)
         m = payload["metrics"]
         print(f"[study] LWM baseline for trial(s) {', '.join(map(str, entry['for_trials']))} (keep "

@@ -67,7 +67,9 @@ def evaluate_on_test(cfg: Any, model_path: str, confirm_settings: ConfirmSetting
     from study.trial.data import load_dataset
 
     torch.set_num_threads(max(1, int(threads)))
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    from study.trial.sparse_file import load_state
+
+    state = load_state(model_path)  # either format, torch's weights-only unpickler
     device = _device(cfg)
     sp = load_dataset(cfg.data, device)
     payload = confirm(cfg, state, confirm_settings, device=device, splits=sp) if confirm_settings else None

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from study.trial import pruning
+from study.trial import pruning, sparse_file
 from study.trial.attacks import stage_schedule, strength_at
 from study.trial.config import AttackConfig, StageConfig, TrialConfig
 from study.trial.data import Splits, batches, load_dataset
@@ -61,7 +61,7 @@ class TrialResult:
     def save(self, directory: str | os.PathLike) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        torch.save(self.model_state, d / "model.pt")
+        sparse_file.save(self.model_state, d / "model.pt")  # kept values + a bitmask (study.trial.sparse_file)
         payload = {"metrics": self.metrics, "config": self.config.to_dict(), "history": self.history}
         (d / "result.json").write_text(json.dumps(payload, indent=2))
         return d

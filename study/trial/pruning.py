@@ -252,7 +252,9 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer is not None and leaf in ("scores", "mask"):
             continue
         if layer is not None and leaf == "weight" and layer.mode != "dense":
-            tensor = tensor * layer.mask
+            # +0.0 where pruned (tensor * mask would give -0.0 for a negative weight): the sparse file stores
+            # no zeros, and gives them back as +0.0 (study.trial.sparse_file)
+            tensor = torch.where(layer.mask != 0, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
         out[name] = tensor.detach().clone()
     return out
 
