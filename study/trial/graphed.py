@@ -59,7 +59,9 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable[[], StepOutput], model: nn.Module) -> StepOutput:
-        with torch.cuda.graph(self.graph):
+        # thread_local: a trial runs in Tune's function-trainable thread; CUDA calls another thread of the
+        # worker might make meanwhile must not invalidate this thread's capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             return fn()
 
     def replay(self) -> None:
