@@ -23,6 +23,7 @@ from conftest import QUICKSTART, fake_pretrain, fake_run_trial, logging_trial
 from analysis import pareto
 from study.search import optuna_search, runner
 from study.search.space import load_space
+from study.trial.sparse_file import load_state
 
 # Ray workers cannot import this test module: ship its functions by value (conftest's are shipped too).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -230,7 +231,7 @@ def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
         # clean accuracy recomputed here from the saved model on the same seeded 48 test points
         folder = tmp_path / "runs" / "quickstart" / "trials" / f"{number:04d}"
         model = create_model("small_cnn", info.info, width=8)
-        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        model.load_state_dict(load_state(folder / "model.pt"))  # stored sparse (study.trial.sparse_file)
         idx = torch.randperm(len(info.x_test), generator=torch.Generator().manual_seed(0))[:48]
         with torch.no_grad():
             clean = (model.eval()(info.x_test[idx]).argmax(1) == info.y_test[idx]).float().mean().item()
