@@ -75,7 +75,11 @@ def test_joined_cluster_asks_the_autoscaler_for_a_trial_and_clears_the_request_o
     _check(cluster, cpus=1, gpus=1)
     assert cluster.requests == [{"num_cpus": None, "bundles": [{"CPU": 1, "GPU": 1}]},
                                 {"num_cpus": None, "bundles": []}]  # asked, then cleared
-    lines = _progress(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert out.startswith("[study] asked the autoscaler for a trial's 1 CPU, 1 GPU (the cluster has 0 CPU, 0 GPU); "
+                          "waiting up to 900 s (study.autoscaler_wait_s)\n"), out
+    assert out.endswith("[study] the Ray cluster has 4 CPU, 1 GPU after 65 s: a trial fits\n"), out
+    lines = _progress(out)
     assert len(lines) == 2, lines  # at 30 s and at 60 s
     assert lines[0] == ("[study] waiting for the autoscaler to add 1 CPU, 1 GPU for a trial (1 CPU, 1 GPU): "
                         "30 s of 900 s so far; the cluster has 0 CPU, 0 GPU")

@@ -224,21 +224,26 @@ def check_resources(cpus: float, gpus: float, joined: bool, wait_s: float = AUTO
     import ray
 
     need = {kind: amount for kind, amount in (("CPU", cpus), ("GPU", gpus)) if amount > 0}
-    if not _short(need, ray.cluster_resources()):
+    have = ray.cluster_resources()
+    if not _short(need, have):
         return
     if not joined:
-        raise UserError(_too_big(need, ray.cluster_resources(), ""))
+        raise UserError(_too_big(need, have, ""))
     from ray.autoscaler.sdk import request_resources
 
     start = clock()
     request_resources(bundles=[need])
     try:
+        print(f"[study] asked the autoscaler for a trial's {_text(need)} (the cluster has "
+              f"{_text(have, ('CPU', 'GPU'))}); waiting up to {wait_s:g} s (study.autoscaler_wait_s)", flush=True)
         shown = start
         while True:
             have = ray.cluster_resources()
-            if not _short(need, have):
-                return
             now = clock()
+            if not _short(need, have):
+                print(f"[study] the Ray cluster has {_text(have, ('CPU', 'GPU'))} after {now - start:.0f} s: "
+                      "a trial fits", flush=True)
+                return
             if now - start >= wait_s:
                 raise UserError(_too_big(need, have, f" after waiting {wait_s:g} s for the autoscaler (asked for "
                                          f"{_text(need)}; study.autoscaler_wait_s)"))
