@@ -20,8 +20,8 @@ The study (tests/test_multinode.py's tiny digits space, real pipeline, `gpus_per
    is launched and every task of the study runs on such nodes, never on the head;
 2. trial 0's node is killed (its raylet, agents and the trial's worker: SIGKILL) after the trial's epoch-2
    checkpoint reached the bucket; the nodes' local scratch (the dense-model copy) is deleted, and no
-   checkpoint.pt exists on any local disk; the autoscaler drops the dead node, Tune reruns the trial, and it
-   continues on another node from step 2 (its epoch log shows 1, 2 on the first node and 3 on the second);
+   checkpoint.pt exists on any local disk; Ray lists the node dead, Tune reruns the trial, and it continues
+   on another worker node from step 2 (its epoch log shows 1, 2 on the first node and 3 on the second);
 3. `study resume` and `study report` of the finished study exit 0.
 """
 from __future__ import annotations
