@@ -13,13 +13,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from study.errors import UserError
 
 log = logging.getLogger("study.search")
 PROBE_TIMEOUT_S = 5.0
-AUTOSCALER_WAIT_S = 60.0
+AUTOSCALER_WAIT_S = 900.0  # study.autoscaler_wait_s's default: a GPU node's boot and image pull take minutes
+POLL_S = 5.0  # how often the resource check looks at the cluster again
+PROGRESS_EVERY_S = 30.0  # a progress line while it waits for the autoscaler
 
 
 def check_data(space: Any) -> None:
@@ -212,21 +214,63 @@ def check_address(address: str | None) -> None:
                         f"(ray start --head) or leave --address out for a local Ray") from None
 
 
-def check_resources(cpus: float, gpus: float, joined: bool) -> None:
-    """One trial's resources must fit the cluster: at once on a local Ray, within AUTOSCALER_WAIT_S on a
-    joined cluster (an autoscaler may add nodes)."""
+def check_resources(cpus: float, gpus: float, joined: bool, wait_s: float = AUTOSCALER_WAIT_S, *,
+                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    """One trial's resources must fit the cluster: at once on a local Ray; on a joined cluster the autoscaler
+    is asked for them (`ray.autoscaler.sdk.request_resources`, one bundle of a trial's CPUs and GPUs) and
+    given `wait_s` seconds (study.autoscaler_wait_s) to add the nodes, with a progress line every
+    PROGRESS_EVERY_S seconds. The request is cleared afterwards whatever happened: Tune's own demand keeps
+    the nodes once trials run, and a refused study leaves no request behind that keeps GPU nodes billed."""
     import ray
 
-    deadline = time.monotonic() + (AUTOSCALER_WAIT_S if joined else 0)
-    while True:
-        have = ray.cluster_resources()
-        short = [f"{need:g} {kind}" for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(kind, 0)]
-        if not short:
-            return
-        if time.monotonic() >= deadline:
-            total = f"{have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU"
-            waited = f" after waiting {AUTOSCALER_WAIT_S:g} s for the autoscaler" if joined else ""
-            raise UserError(f"study.cpus_per_trial/gpus_per_trial: a trial needs {' and '.join(short)} but the Ray "
-                            f"cluster has {total} in all{waited}; lower them (--set study.cpus_per_trial=...)")
-        log.info("waiting for the Ray cluster to offer %s ...", ", ".join(short))
-        time.sleep(5)
+    need = {kind: amount for kind, amount in (("CPU", cpus), ("GPU", gpus)) if amount > 0}
+    have = ray.cluster_resources()
+    if not _short(need, have):
+        return
+    if not joined:
+        raise UserError(_too_big(need, have, ""))
+    from ray.autoscaler.sdk import request_resources
+
+    start = clock()
+    request_resources(bundles=[need])
+    try:
+        print(f"[study] asked the autoscaler for a trial's {_text(need)} (the cluster has "
+              f"{_text(have, ('CPU', 'GPU'))}); waiting up to {wait_s:g} s (study.autoscaler_wait_s)", flush=True)
+        shown = start
+        while True:
+            have = ray.cluster_resources()
+            now = clock()
+            if not _short(need, have):
+                print(f"[study] the Ray cluster has {_text(have, ('CPU', 'GPU'))} after {now - start:.0f} s: "
+                      "a trial fits", flush=True)
+                return
+            if now - start >= wait_s:
+                raise UserError(_too_big(need, have, f" after waiting {wait_s:g} s for the autoscaler (asked for "
+                                         f"{_text(need)}; study.autoscaler_wait_s)"))
+            if now - shown >= PROGRESS_EVERY_S:
+                shown = now
+                print(f"[study] waiting for the autoscaler to add {_text(_short(need, have))} for a trial "
+                      f"({_text(need)}): {now - start:.0f} s of {wait_s:g} s so far; the cluster has "
+                      f"{_text(have, ('CPU', 'GPU'))}", flush=True)
+            sleep(min(POLL_S, max(0.0, wait_s - (now - start))))
+    finally:
+        request_resources(bundles=[])
+
+
+def _short(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    """What of `need` the cluster's resources `have` lack (their totals, not what is free now)."""
+    return {kind: amount for kind, amount in need.items() if amount > have.get(kind, 0)}
+
+
+def _text(resources: dict[str, float], kinds: tuple[str, ...] = ()) -> str:
+    """`1 CPU, 1 GPU`: the `kinds` given (default: those in `resources`), CPU first."""
+    kinds = kinds or tuple(k for k in ("CPU", "GPU") if k in resources)
+    return ", ".join(f"{resources.get(kind, 0):g} {kind}" for kind in kinds)
+
+
+def _too_big(need: dict[str, float], have: dict[str, float], waited: str) -> str:
+    short = " and ".join(f"{amount:g} {kind}" for kind, amount in _short(need, have).items())
+    hint = ("; check `ray status` and the autoscaler's node types, wait longer (--set study.autoscaler_wait_s=...) "
+            "or lower them (--set study.gpus_per_trial=...)" if waited else "; lower them (--set study.cpus_per_trial=...)")
+    return (f"study.cpus_per_trial/gpus_per_trial: a trial needs {short} but the Ray cluster has "
+            f"{_text(have, ('CPU', 'GPU'))} in all{waited}{hint}")

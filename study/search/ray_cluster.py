@@ -64,7 +64,15 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  "%s=0 was set (the `study` command sets it first)", ip, SINGLE_NODE_ENV)
 
 
+# printed by `study run | resume` when `auto` finds no GPU on a joined cluster (study.search.startup)
+NO_GPU_NOTICE = ("[study] study.gpus_per_trial is auto and the Ray cluster has no GPU now: the trials will use no "
+                 "GPU and no GPU node will be asked for; to run them on GPU nodes the autoscaler starts, pass "
+                 "--set study.gpus_per_trial=1")
+
+
 def resolve_gpus(setting: Any) -> float:
+    """GPUs per trial: the number set, or for `auto` 1 where the Ray cluster has a GPU now, else 0 (an
+    autoscaler's GPU nodes that are not up yet do not count: ask for them with a number)."""
     if setting != "auto":
         return float(setting)
     import ray

@@ -78,6 +78,9 @@ class StudySettings:
     # auto = 1 where the cluster has GPUs; 0.25 = four trials share one GPU (small models); 2 = two whole GPUs
     gpus_per_trial: str | float = field(default="auto", metadata={"parse": _gpus})
     cpus_per_trial: float = field(default=1.0, metadata=in_range(0.0, lo_open=True))  # also torch's thread count
+    # on a joined cluster, how long the driver waits for the autoscaler to add nodes that fit one trial (it
+    # asks for them: ray.autoscaler.sdk.request_resources); a GPU node with its image pull takes many minutes
+    autoscaler_wait_s: float = field(default=900.0, metadata=in_range(0.0))
     max_failures: int = field(default=3, metadata=in_range(0))  # Tune reruns of a trial whose worker process died
     # a trial's resume checkpoint at the first epoch end this many seconds after its previous one (or its
     # start); 0 = every epoch. A killed trial loses at most this much training (plus an epoch)

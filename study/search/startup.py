@@ -10,12 +10,11 @@ the dense model to the cache, keyed by its config, where the next study with tha
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 from study.search.layout import StudyPaths
-from study.search.ray_cluster import resolve_gpus, start_ray
+from study.search.ray_cluster import NO_GPU_NOTICE, joins_cluster, resolve_gpus, start_ray
 from study.search.space import SearchSpace
 
 
@@ -45,13 +44,18 @@ def check(space: SearchSpace, storage: str, tracking_uri: str, address: str | No
 
 
 def start_ray_checked(space: SearchSpace, address: str | None, num_cpus: int | None) -> None:
-    """Ray (joined or started), and a trial's resources checked against it."""
+    """Ray (joined or started), and a trial's resources checked against it (on a joined cluster: asked of its
+    autoscaler, study.search.preflight.check_resources). `gpus_per_trial: auto` counts the GPUs present now: on
+    a joined cluster with none (an autoscaling one whose GPU nodes start on demand) a line says so."""
     from study.search import preflight
 
     start_ray(address, num_cpus)
     s = space.study
-    preflight.check_resources(s.cpus_per_trial, resolve_gpus(s.gpus_per_trial),
-                              joined=bool(address or os.environ.get("RAY_ADDRESS")))
+    joined = joins_cluster(address)
+    gpus = resolve_gpus(s.gpus_per_trial)
+    if joined and s.gpus_per_trial == "auto" and gpus == 0:
+        print(NO_GPU_NOTICE, flush=True)
+    preflight.check_resources(s.cpus_per_trial, gpus, joined=joined, wait_s=s.autoscaler_wait_s)
 
 
 class EarlyStart:
