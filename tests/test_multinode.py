@@ -328,3 +328,30 @@ def test_study_on_a_two_node_cluster_runs_its_trials_on_the_second_node(tmp_path
     finally:
         left = cluster.stop()
     assert not left, f"processes left behind: {[(p, cmdline(p)[:2]) for p in left]}"
+
+
+@pytest.mark.slow
+def test_a_study_joining_a_one_node_cluster_with_cpus_finishes(tmp_path, cluster_root):
+    """The path that hung: a study joins a cluster whose only node is the driver's own and has CPUs, with
+    2 threads per trial. Its pretraining used to be forked from a driver that had run torch, and the child
+    deadlocked in its first 2-thread op until the 900 s timeout. On a joined cluster it is a Ray task now."""
+    cluster = LocalCluster(cluster_root)
+    runs = tmp_path / "runs"
+    space = write_space(tmp_path / "tiny.yaml", "joined", n_trials=1, max_concurrent=1)
+    space.write_text(space.read_text().replace("cpus_per_trial: 1", "cpus_per_trial: 2"))
+    try:
+        address = cluster.start_head(num_cpus=2)
+        log = tmp_path / "driver.log"
+        driver = cluster.popen(study_cli("run", str(space), "--runs-dir", str(runs), "--address", address,
+                                         "--no-final-eval"), log)
+        try:
+            rc = driver.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the study on a joined one-node cluster did not finish in 300 s:\n{hung(driver, log)}")
+        assert rc == 0, tail(log)
+        text = log.read_text()
+        assert "as a Ray task on 2 CPU / 0 GPU" in text and "spawned by the driver" not in text, tail(log)
+        assert [t.state.name for t in optuna_trials(runs, "joined")] == ["COMPLETE"]
+    finally:
+        left = cluster.stop()
+    assert not left, f"processes left behind: {[(p, cmdline(p)[:2]) for p in left]}"
