@@ -101,6 +101,34 @@ def record_unstarted(st: Study, optuna_study: Any, tracker: Any) -> None:
         tracker.finish(run_id, "KILLED")
 
 
+MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags", "alembic_version"}
+
+
+def store_problem(tracking_uri: str) -> str | None:
+    """What is wrong with a local sqlite MLflow store (one line naming its file), None when it is usable: absent
+    or empty (MLflow creates it), or an MLflow database that sqlite reads. Checked read-only: MLflow opening a
+    damaged file or another database would try to migrate it."""
+    import sqlite3
+
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    if db is None or not db.is_file() or db.stat().st_size == 0:
+        return None
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            check = con.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return f"the MLflow store {db} is not a readable sqlite database ({e})"
+    if check is None or check[0] != "ok":
+        return f"the MLflow store {db} is damaged (sqlite: {check[0] if check else '?'})"
+    if not MLFLOW_TABLES <= tables:
+        return f"the MLflow store {db} is not an MLflow database (its tables: {', '.join(sorted(tables)[:5]) or 'none'})"
+    return None
+
+
 def relocate_store(tracking_uri: str, experiment: str, artifact_root: Path) -> bool:
     """A local MLflow store copied or moved with its runs folder still names the old folder as the artifact
     location of its experiment and runs (MLflow stores them absolute): point them at `artifact_root`, so
