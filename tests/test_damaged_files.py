@@ -278,3 +278,26 @@ def test_damaged_file(studies, tmp_path, cli_run, kind, name, how, command):
         assert f"{NAME}-0001 0" in log.read_text().splitlines()  # the damaged checkpoint's trial started over
     if name == "pareto.csv":
         assert "0.5555" not in path.read_text()  # recomputed
+
+
+def test_a_journal_left_by_a_killed_writer_is_rolled_back_not_refused(tmp_path):
+    """A driver SIGKILLed inside a sqlite transaction leaves a hot journal: the storage is fine once sqlite rolls
+    it back, which the checks before a resume or report let it do (a read-only look would be refused). Found by
+    tests/test_soak_kills.py's driver kills."""
+    import subprocess
+
+    import optuna
+
+    from study.search.optuna_search import check_resumable
+
+    db = tmp_path / "optuna.db"
+    optuna.create_study(study_name=NAME, storage=f"sqlite:///{db}", directions=["minimize", "maximize"]).ask()
+    code = ("import os, signal, sqlite3; c = sqlite3.connect(%r, isolation_level=None); c.execute('PRAGMA cache_size=1');"
+            "c.execute('BEGIN'); c.execute('CREATE TABLE filler (x)');"
+            "[c.execute('INSERT INTO filler VALUES (?)', (b'x' * 4000,)) for _ in range(300)];"
+            "c.execute('UPDATE studies SET study_name = study_name'); os.kill(os.getpid(), signal.SIGKILL)") % str(db)
+    subprocess.run([sys.executable, "-c", code], check=False)
+    assert (tmp_path / "optuna.db-journal").is_file()  # the killed writer's hot journal
+    check_resumable(f"sqlite:///{db}", NAME, [0])
+    assert not (tmp_path / "optuna.db-journal").exists()  # rolled back
+    assert len(optuna.load_study(study_name=NAME, storage=f"sqlite:///{db}").trials) == 1

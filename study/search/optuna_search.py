@@ -192,24 +192,34 @@ def check_resumable(url: str, name: str, trial_numbers: list[int], consequence: 
 OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 
+def probe_sqlite(path: Path) -> tuple[set[str], str]:
+    """(the tables, quick_check's verdict) of an existing sqlite file, read without the schema changes Optuna or
+    MLflow would make on opening it. Not opened read-only: the journal a killed writer left must be rolled back
+    (sqlite does it on the first read), which a read-only connection refuses. Raises sqlite3.Error."""
+    import sqlite3
+
+    con = sqlite3.connect(str(path), timeout=60)
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        check = con.execute("PRAGMA quick_check(1)").fetchone()
+    finally:
+        con.close()
+    return tables, check[0] if check else "?"
+
+
 def _check_sqlite(path: Path, what: str, fix: str) -> None:
-    """A sqlite file that Optuna can use as it is, checked read-only: opening a damaged file or another
-    database (MLflow's, say) through Optuna would add its tables to it."""
+    """A sqlite file that Optuna can use as it is: opening a damaged file or another database (MLflow's, say)
+    through Optuna would add its tables to it."""
     import sqlite3
 
     from study.errors import UserError
 
     try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
-        try:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            check = con.execute("PRAGMA quick_check(1)").fetchone()
-        finally:
-            con.close()
+        tables, check = probe_sqlite(path)
     except sqlite3.Error as e:
         raise UserError(f"{what} is not a readable sqlite database ({e}): {fix}") from None
-    if check is None or check[0] != "ok":
-        raise UserError(f"{what} is damaged (sqlite: {check[0] if check else '?'}): {fix}")
+    if check != "ok":
+        raise UserError(f"{what} is damaged (sqlite: {check}): {fix}")
     if not OPTUNA_TABLES <= tables:
         shown = ", ".join(sorted(tables)[:5]) or "none"
         raise UserError(f"{what} is not an Optuna storage (its tables: {shown}{', ...' if len(tables) > 5 else ''})"

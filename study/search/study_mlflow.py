@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
-from study.search.optuna_search import link_mlflow_run
+from study.search.optuna_search import link_mlflow_run, probe_sqlite
 from study.search.trainable import build_config
 
 if TYPE_CHECKING:
@@ -106,24 +106,19 @@ MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags", "alembic_ve
 
 def store_problem(tracking_uri: str) -> str | None:
     """What is wrong with a local sqlite MLflow store (one line naming its file), None when it is usable: absent
-    or empty (MLflow creates it), or an MLflow database that sqlite reads. Checked read-only: MLflow opening a
-    damaged file or another database would try to migrate it."""
+    or empty (MLflow creates it), or an MLflow database that sqlite reads. Checked before MLflow opens it:
+    MLflow opening a damaged file or another database would try to migrate it."""
     import sqlite3
 
     db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
     if db is None or not db.is_file() or db.stat().st_size == 0:
         return None
     try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
-        try:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            check = con.execute("PRAGMA quick_check(1)").fetchone()
-        finally:
-            con.close()
+        tables, check = probe_sqlite(db)
     except sqlite3.Error as e:
         return f"the MLflow store {db} is not a readable sqlite database ({e})"
-    if check is None or check[0] != "ok":
-        return f"the MLflow store {db} is damaged (sqlite: {check[0] if check else '?'})"
+    if check != "ok":
+        return f"the MLflow store {db} is damaged (sqlite: {check})"
     if not MLFLOW_TABLES <= tables:
         return f"the MLflow store {db} is not an MLflow database (its tables: {', '.join(sorted(tables)[:5]) or 'none'})"
     return None
