@@ -7,6 +7,7 @@ robustness_final.json (the final robustness suite: curves per threat).
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -67,12 +68,38 @@ def axes_of(objectives: Sequence[str], modes: Sequence[str]) -> tuple[str, str]:
     return size, robust
 
 
-def _json(path: Path) -> dict | None:
+def read_json(path: Path, shape: type = dict) -> Any | None:
+    """A derived JSON file of the study folder (None when absent); a damaged one, or one of another shape than
+    `shape`, reads as absent with a one-line warning naming it (once per file and damage)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, shape):
+            raise ValueError(f"a JSON {type(data).__name__}, not a {shape.__name__}")
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _warn_damaged(str(path), first)
+        return None
+    return data
+
+
+@functools.lru_cache(maxsize=256)
+def _warn_damaged(path: str, reason: str) -> None:
+    log.warning("%s is damaged (%s): ignored; the study's figures come from its Optuna storage", path, reason)
+
+
+def finite_figures(values: Mapping[str, Any], path: Path) -> dict[str, float]:
+    """The finite numbers of `values`; another value is left out with a warning naming `path` (a figure of
+    the wrong type is never shown as one)."""
+    bad = sorted(k for k, v in values.items() if not finite(v))
+    if bad:
+        _warn_damaged(str(path), f"not a finite number: {', '.join(bad)}")
+    return {k: float(v) for k, v in values.items() if finite(v)}
+
+
+def _json(path: Path) -> dict | None:
+    return read_json(path) if path.is_file() else None
 
 
 def _trial_folder(root: Path, number: int) -> Path:
@@ -82,9 +109,13 @@ def _trial_folder(root: Path, number: int) -> Path:
 def confirmed_figures(folder: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
     """test_* figures of a trial: Optuna user attrs, overridden by confirm.json (flat, or under "metrics")."""
     out = {k: v for k, v in attrs.items() if k.startswith("test_")}
-    data = _json(folder / CONFIRM_FILE) or {}
+    path = folder / CONFIRM_FILE
+    data = _json(path) or {}
     for source in (data, data.get("metrics") if isinstance(data.get("metrics"), dict) else {}):
-        out.update({k: v for k, v in source.items() if k.startswith("test_")})
+        out.update(finite_figures({k: v for k, v in source.items() if k.startswith("test_") and k != "test_attack"},
+                                  path))
+        if isinstance(source.get("test_attack"), str):
+            out["test_attack"] = source["test_attack"]
     return out
 
 
@@ -98,8 +129,13 @@ def trial_point(t: Any, root: Path, objectives: Sequence[str], size: str, robust
                 run_ids: Mapping[int, str] = {}) -> Point:
     folder = _trial_folder(root, t.number)
     attrs = dict(t.user_attrs)
-    result = _json(folder / "result.json") or {}
-    for k, v in (result.get("metrics") or {}).items():
+    path = folder / "result.json"
+    result = _json(path) or {}
+    metrics = result.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        _warn_damaged(str(path), "its metrics are not a JSON object")
+        metrics = {}
+    for k, v in finite_figures(metrics, path).items():
         attrs.setdefault(k, v)
     values = {**attrs, **dict(zip(objectives, t.values))}
     total = values.get(SIZE_TOTALS.get(size, ""))
@@ -131,7 +167,8 @@ def dense_reference(root: Path, space: Any, total: float | None) -> Reference | 
 
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a checkpoint we can read: the report goes on without the dense figure
-        log.warning("report: cannot read the dense checkpoint %s (%s); no dense reference", path, e)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("report: cannot read the dense checkpoint %s (%s); no dense reference", path, first)
         return None
     history = ckpt.get("history") if isinstance(ckpt, dict) else None
     last = next((h for h in reversed(history or []) if isinstance(h, dict) and finite(h.get("val_robust_acc"))), None)
@@ -150,13 +187,9 @@ def read_baselines(root: Path, size: str, robust: str) -> list[Reference]:
     path = root / BASELINES_FILE
     if not path.is_file():
         return []
-    try:
-        rows = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("report: %s unreadable (%s); ignored", path, e)
-        return []
+    rows = read_json(path, list)
     out = []
-    for row in rows if isinstance(rows, list) else []:
+    for row in rows or []:
         s, r = (row.get(size, row.get("params_kept")), row.get(robust, row.get("val_robust_acc"))) if isinstance(row, dict) else (None, None)
         if not (finite(s) and finite(r)):
             log.warning("report: %s: entry %r lacks %s / %s; skipped", path, row, size, robust)
@@ -176,7 +209,8 @@ def read_baselines(root: Path, size: str, robust: str) -> list[Reference]:
 
 def final_curves(folder: Path) -> dict[str, tuple[list[float], list[float], str]]:
     data = _json(folder / FINAL_FILE) or {}
-    curves = (data.get("report") or {}).get("curves") or {}
+    report = data.get("report") if isinstance(data.get("report"), dict) else {}
+    curves = report.get("curves") if isinstance(report.get("curves"), dict) else {}
     return {t: (list(c["eps"]), list(c["robust_acc"]), str(c.get("unit", ""))) for t, c in curves.items()
             if isinstance(c, dict) and c.get("eps") and len(c.get("robust_acc") or []) == len(c["eps"])}
 

@@ -55,6 +55,16 @@ def start_local_ray() -> None:
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Soak loops (`soak` marker) run only when asked for by marker (`make soak`: pytest -m soak)."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a soak loop: run it with `pytest -m soak` (make soak)")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray for the module, shut down after it."""

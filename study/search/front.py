@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from study.keys import NUMBER_KEY, TEST_PREFIX, trial_run_key
 from study.search import front_files
-from study.search.layout import trial_dir
+from study.search.layout import CONFIRM_FILE, trial_dir
 from study.search.robust_eval import evaluate_on_test
 
 if TYPE_CHECKING:
@@ -129,11 +129,12 @@ def add_test_columns(st: "Study", rows: list[dict[str, Any]]) -> tuple[dict[int,
         folder = trial_dir(st.paths.root, int(row["trial"]))
         payload = front_files.load_confirm(folder)
         if payload is not None:
-            row.update(front_files.confirm_columns(payload))  # mlflow_run_id stays last (columns_of)
-            if payload.get("test_attack") and payload["test_attack"] not in attacks:
-                attacks.append(payload["test_attack"])
+            columns = front_files.confirm_columns(payload, folder / CONFIRM_FILE)
+            row.update(columns)  # mlflow_run_id stays last (columns_of)
+            if columns["test_attack"] and columns["test_attack"] not in attacks:
+                attacks.append(columns["test_attack"])
         final = front_files.load_final(folder) if s.robustness is not None else None
-        if final is not None:
+        if final is not None and isinstance(final.get("metrics"), dict):
             suites[int(row["trial"])] = final
             row.update(front_files.front_columns(final["metrics"], s.metrics))
     return suites, attacks

@@ -70,11 +70,10 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> Path:
 
 def _read_json(path: Path, budget: Any = None) -> dict | None:
     """A saved evaluation, or None if absent, unreadable, or made with another budget than `budget`."""
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    from analysis.report_data import read_json
+
+    payload = read_json(path) if path.is_file() else None  # a damaged file: one warning, read as absent
+    if payload is None:
         return None
     if budget is not None and payload.get("budget") != json.loads(json.dumps(dataclasses.asdict(budget))):
         return None
@@ -91,11 +90,15 @@ def load_confirm(directory: str | Path, settings: ConfirmSettings | None = None)
     return _read_json(Path(directory) / CONFIRM_FILE, settings)
 
 
-def confirm_columns(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The Pareto row's columns of a saved confirmation: the test_* figures and `test_attack`."""
-    m = payload.get("metrics", {})
-    out: dict[str, Any] = {k: m[k] for k in TEST_METRICS if k in m}
-    out["test_attack"] = payload.get("test_attack", "")
+def confirm_columns(payload: Mapping[str, Any], path: Path | str = CONFIRM_FILE) -> dict[str, Any]:
+    """The Pareto row's columns of a saved confirmation (read from `path`): its finite test_* figures (another
+    value is left out with a warning) and `test_attack`."""
+    from analysis.report_data import finite_figures
+
+    m = payload.get("metrics") if isinstance(payload.get("metrics"), dict) else {}
+    out: dict[str, Any] = finite_figures({k: m[k] for k in TEST_METRICS if k in m}, path)
+    attack = payload.get("test_attack")
+    out["test_attack"] = attack if isinstance(attack, str) else ""
     return out
 
 

@@ -150,10 +150,14 @@ def storage_file(url: str) -> Path | None:
     return None
 
 
-def check_resumable(url: str, name: str, trial_numbers: list[int]) -> None:
-    """`study resume` continues the study in its Optuna storage and never starts a new one: a storage that
-    is missing or empty, or holds no study of this name, or fewer trials than the study folder has
-    (`trial_numbers`: the numbers of its trials/<number>/ folders), is refused in one line."""
+RESUMING = "resuming would start a new study"
+
+
+def check_resumable(url: str, name: str, trial_numbers: list[int], consequence: str = RESUMING) -> None:
+    """`study resume` continues the study in its Optuna storage and never starts a new one (nor does `study
+    report` invent one): a storage that is missing or empty, not an Optuna database, or holds no study of this
+    name, or fewer trials than the study folder has (`trial_numbers`: the numbers of its trials/<number>/
+    folders), is refused in one line, before anything opens it for writing."""
     import optuna
 
     from study.errors import UserError
@@ -164,7 +168,9 @@ def check_resumable(url: str, name: str, trial_numbers: list[int]) -> None:
     path = storage_file(url)
     if path is not None and (not path.is_file() or path.stat().st_size == 0):
         what = "does not exist" if not path.is_file() else "is empty"
-        raise UserError(f"study {name!r}: its Optuna storage {shown} {what}; resuming would start a new study: {fix}")
+        raise UserError(f"study {name!r}: its Optuna storage {shown} {what}; {consequence}: {fix}")
+    if url.startswith("sqlite:///") and path is not None:
+        _check_sqlite(path, f"study {name!r}: its Optuna storage {shown}", fix)
     try:
         storage = open_storage(url)
         names = optuna.get_all_study_names(storage)
@@ -176,11 +182,48 @@ def check_resumable(url: str, name: str, trial_numbers: list[int]) -> None:
     if name not in names:
         held = ", ".join(sorted(names)) or "none"
         raise UserError(f"study {name!r}: its Optuna storage {shown} holds no study of that name (studies there: "
-                        f"{held}); resuming would start a new study: {fix}")
+                        f"{held}); {consequence}: {fix}")
     beyond = sorted(n for n in trial_numbers if n >= trials)
     if beyond:
         raise UserError(f"study {name!r}: its Optuna storage {shown} holds {trials} trials, but the study folder has "
                         f"trials/{beyond[0]:04d}/: not this study's storage? {fix}")
+
+
+OPTUNA_TABLES = {"studies", "trials", "version_info"}
+
+
+def probe_sqlite(path: Path) -> tuple[set[str], str]:
+    """(the tables, quick_check's verdict) of an existing sqlite file, read without the schema changes Optuna or
+    MLflow would make on opening it. Not opened read-only: the journal a killed writer left must be rolled back
+    (sqlite does it on the first read), which a read-only connection refuses. Raises sqlite3.Error."""
+    import sqlite3
+
+    con = sqlite3.connect(str(path), timeout=60)
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        check = con.execute("PRAGMA quick_check(1)").fetchone()
+    finally:
+        con.close()
+    return tables, check[0] if check else "?"
+
+
+def _check_sqlite(path: Path, what: str, fix: str) -> None:
+    """A sqlite file that Optuna can use as it is: opening a damaged file or another database (MLflow's, say)
+    through Optuna would add its tables to it."""
+    import sqlite3
+
+    from study.errors import UserError
+
+    try:
+        tables, check = probe_sqlite(path)
+    except sqlite3.Error as e:
+        raise UserError(f"{what} is not a readable sqlite database ({e}): {fix}") from None
+    if check != "ok":
+        raise UserError(f"{what} is damaged (sqlite: {check}): {fix}")
+    if not OPTUNA_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:5]) or "none"
+        raise UserError(f"{what} is not an Optuna storage (its tables: {shown}{', ...' if len(tables) > 5 else ''})"
+                        f": {fix}")
 
 
 def counts(study: Any) -> tuple[int, int]:

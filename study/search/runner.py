@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from study.errors import ConfigError
+from study.errors import ConfigError, UserError
 from study.keys import NUMBER_KEY
 from study.search import console, front, startup, study_mlflow
 from study.search.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, TRIAL_CHECKPOINT_FILE, Manifest,
@@ -405,6 +405,10 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
     lock = StudyLock(paths.root, paths.store)
     lock.refuse_if_held()
     check_resumable(manifest.storage, name, _trial_numbers(paths))
+    damaged = study_mlflow.store_problem(manifest.tracking_uri)
+    if damaged:  # the trials' records go there: refused before anything runs
+        raise UserError(f"study {name!r}: {damaged}; restore it (or move it aside: a new store starts empty, "
+                        f"without the study's earlier runs)")
     startup.check(space, manifest.storage, manifest.tracking_uri, address, num_cpus)
     early = startup.EarlyStart(space, paths, pretrain, address, num_cpus, manifest.tracking_uri,
                                trials_left=_trials_left(manifest.storage, name, space.study.n_trials))
@@ -436,7 +440,9 @@ def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: flo
     """Reprint the front and redraw the report of a finished or running study (the report's files are
     logged to the parent run; the run's status is left as it is)."""
     paths, manifest, space = _open(name, runs_dir)
-    study = load_optuna_study(paths.readable_storage(manifest.storage), name)
+    url = paths.readable_storage(manifest.storage)
+    check_resumable(url, name, _trial_numbers(paths), consequence="there is no study to report")
+    study = load_optuna_study(url, name)
     s = Study(space, paths, manifest)
     s.within_points = within_points
     elsewhere = paths.remote and manifest.tracking_uri.startswith("sqlite:///") \
@@ -444,7 +450,11 @@ def report_study(name: str, *, runs_dir: str | Path = "runs", within_points: flo
     if elsewhere:  # an object-store study's local MLflow store is on the machine that ran it
         log.warning("the study's MLflow store %s is not on this machine: the report is not logged to MLflow",
                     manifest.tracking_uri)
-    return s.finish(study, report_tracker=s.tracker() if _writable(paths.root) and not elsewhere else None)
+    damaged = None if elsewhere else study_mlflow.store_problem(manifest.tracking_uri)
+    if damaged:
+        log.warning("%s: the report is not logged to MLflow", damaged)
+    return s.finish(study, report_tracker=s.tracker() if _writable(paths.root) and not (elsewhere or damaged)
+                    else None)
 
 
 def _writable(folder: Path) -> bool:
@@ -473,10 +483,45 @@ def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, Search
             raise ConfigError("", f"no study named {name!r} in {paths.runs}; studies there: {', '.join(known) or '(none)'}")
     elif not paths.manifest.is_file():
         known = sorted(p.parent.name for p in Path(runs_dir).glob("*/study.json"))
-        raise ConfigError("", f"no study named {name!r} in {Path(runs_dir).resolve()}; "
+        missing = f" ({paths.manifest} does not exist)" if paths.root.is_dir() else ""
+        raise ConfigError("", f"no study named {name!r} in {Path(runs_dir).resolve()}{missing}; "
                           f"studies there: {', '.join(known) or '(none)'}")
     manifest = Manifest.load(paths.manifest)
-    return paths, manifest, load_space(paths.space)
+    _check_manifest(paths, manifest)
+    return paths, manifest, _study_space(paths)
+
+
+def _check_manifest(paths: StudyPaths, manifest: Manifest) -> None:
+    """A manifest is followed only to this study's own storage: one naming another study, or the Optuna file
+    of another study folder, is refused (a resume would write into that study)."""
+    from study.search.optuna_search import storage_file
+
+    if manifest.name != paths.name:
+        raise UserError(f"{paths.manifest}: the manifest of study {manifest.name!r}, not of {paths.name!r}; restore "
+                        f"this study's own study.json")
+    own = storage_file(manifest.storage)
+    if own is None or paths.remote:
+        return
+    folder = own.resolve().parent
+    if folder != paths.root.resolve() and (folder / "study.json").is_file():
+        raise UserError(f"{paths.manifest}: its \"storage\" {manifest.storage} is the Optuna storage of another "
+                        f"study folder, {folder}; refused, not followed: restore this study's own "
+                        f"(\"storage\": \"optuna.db\")")
+
+
+def _study_space(paths: StudyPaths) -> SearchSpace:
+    """The study's validated search space (space.yaml): a missing or damaged one is refused in one line."""
+
+    fix = "restore it from the study's search-space file (study.json's \"space_file\")"
+    if not paths.space.is_file():
+        raise UserError(f"{paths.space} does not exist: the study's search space; {fix}")
+    try:
+        return load_space(paths.space)
+    except ConfigError as e:
+        raise UserError(f"{e}; {fix}" if str(paths.space) in str(e) else f"{paths.space}: {e}; {fix}") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: UnicodeDecodeError among others
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{paths.space}: not a readable search space ({first}); {fix}") from None
 
 
 def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str, runs: bool = True) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
-from study.search.optuna_search import link_mlflow_run
+from study.search.optuna_search import link_mlflow_run, probe_sqlite
 from study.search.trainable import build_config
 
 if TYPE_CHECKING:
@@ -99,6 +99,29 @@ def record_unstarted(st: Study, optuna_study: Any, tracker: Any) -> None:
             "fail_reason": t.user_attrs.get("fail_reason", "never started"), **provenance_tags()})
         tracker.log_batch(run_id, params=st.trial_config({**t.params, NUMBER_KEY: t.number}).flat())
         tracker.finish(run_id, "KILLED")
+
+
+MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags", "alembic_version"}
+
+
+def store_problem(tracking_uri: str) -> str | None:
+    """What is wrong with a local sqlite MLflow store (one line naming its file), None when it is usable: absent
+    or empty (MLflow creates it), or an MLflow database that sqlite reads. Checked before MLflow opens it:
+    MLflow opening a damaged file or another database would try to migrate it."""
+    import sqlite3
+
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    if db is None or not db.is_file() or db.stat().st_size == 0:
+        return None
+    try:
+        tables, check = probe_sqlite(db)
+    except sqlite3.Error as e:
+        return f"the MLflow store {db} is not a readable sqlite database ({e})"
+    if check != "ok":
+        return f"the MLflow store {db} is damaged (sqlite: {check})"
+    if not MLFLOW_TABLES <= tables:
+        return f"the MLflow store {db} is not an MLflow database (its tables: {', '.join(sorted(tables)[:5]) or 'none'})"
+    return None
 
 
 def relocate_store(tracking_uri: str, experiment: str, artifact_root: Path) -> bool:

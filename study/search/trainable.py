@@ -197,9 +197,20 @@ class TrialFiles:
         os.replace(tmp, self.local / name)
 
     def final(self) -> dict | None:
-        """The saved final report, None if the trial has not finished."""
+        """The saved final report, None if the trial has not finished. A damaged one (or one of another shape
+        than a final report) is ignored, said in one line: the trial trains on from its checkpoint."""
         data = self._read(FINAL_FILE)
-        return json.loads(data) if data is not None else None
+        if data is None:
+            return None
+        try:
+            final = json.loads(data)
+            if not isinstance(final, dict) or not final.get("final"):
+                raise ValueError("not a final report (a JSON object with final: 1)")
+            return final
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            print(f"[study] {self.rel}/{FINAL_FILE} is damaged ({str(e).splitlines()[0] if str(e) else ''}); "
+                  f"ignored: the trial trains on from its checkpoint", flush=True)
+            return None
 
     def checkpoint(self) -> dict | None:
         """The resume state of the trial's last checkpoint, None when there is none or it cannot be used (a
