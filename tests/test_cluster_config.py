@@ -323,3 +323,21 @@ def test_aws_file_keeps_the_study_in_a_bucket():
     finally:
         del os.environ["STUDY_RUNS_DIR"]
     assert args.runs_dir == "s3://bucket/prefix"
+
+
+def test_the_cluster_spaces_data_is_downloaded_on_every_node_where_they_read_it():
+    """Trials read their data set on whatever node they run: cluster.yaml's setup (every node, in Ray's image,
+    whose user is `ray`) downloads each data set a cluster space names, into the folder that space names."""
+    classes = {"cifar10": "CIFAR10", "svhn": "SVHN"}
+    setup = " ".join(load(AWS_FILE)["setup_commands"])
+    seen = 0
+    for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
+        space = yaml.safe_load(path.read_text())
+        data = space["trial"]["data"]
+        if space["study"].get("gpus_per_trial") != 1:  # the cluster spaces ask for GPUs explicitly
+            continue
+        assert data["root"] == "~/data", path.name
+        folder = data["root"].replace("~", "/home/ray", 1)
+        assert f"d.{classes[data['name']]}('{folder}'" in setup, f"{path.name}: {data['name']} not downloaded to {folder}"
+        seen += 1
+    assert seen >= 3
