@@ -171,11 +171,14 @@ class Pretraining:
     def poll(self, timeout: float = 0) -> bool:
         """True once pretraining has ended (or there was none); records its path or its error."""
         if self.process is not None and self.path is None and self.error is None:
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            self.path, self.error = _child_outcome(self.marker, self.process.returncode)
+            if self.marker.is_file():  # written last: the model is ready, whether or not the process has exited
+                self.path = self.marker.read_text()
+            else:
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    return False
+                self.path, self.error = _child_outcome(self.marker, self.process.returncode)
         elif self.ref is not None and self.path is None and self.error is None:
             import ray
 

@@ -113,13 +113,21 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
     resume_state = files.checkpoint()
     last_step = int(resume_state.get("step", 0)) if resume_state else 0
     due = CheckpointClock(checkpoint_every_s)
+    # The epoch reports up to the checkpoint travel in it: a driver killed before its MLflow callback logged
+    # them loses them with Tune's folder (scratch), so a continued trial reports them again first; the
+    # callback logs only the steps its run lacks (no duplicates).
+    reports = [r for r in (resume_state or {}).get("reports", []) if isinstance(r, dict)]
+    for old in reports:
+        tune.report(old)
 
     def on_epoch(report: Any) -> None:
         nonlocal last_step
         last_step = report.step
+        record = {**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step}
+        reports.append(record)
         if due():
-            files.save_checkpoint(report.state())
-        tune.report({**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step})
+            files.save_checkpoint({**report.state(), "reports": list(reports)})
+        tune.report(record)
 
     try:
         cfg = local_cache(build_config(base, fixed, config))
