@@ -31,6 +31,7 @@ ends is failed with a log line (a bug if it happens).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -109,10 +110,34 @@ class Study:
                                   dense=dense.handle() if dense is not None else None)
         return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
-    def searcher(self) -> Any:
+    def searcher(self, stop_reasons: Mapping[str, str] | None = None) -> Any:
         from study.search.searcher import StudySearch
 
-        return StudySearch(self.space, self.manifest.storage)
+        return StudySearch(self.space, self.manifest.storage, stop_reasons=stop_reasons)
+
+    def rung_scheduler(self, optuna_study: Any) -> Any:
+        """`study.early_stop`'s Tune scheduler (None when off), told the epoch figures of the trials the
+        study completed before this driver (their result.json histories)."""
+        s = self.space.study
+        if s.early_stop is None:
+            return None
+        from optuna.trial import TrialState
+
+        from study.search.rung_scheduler import RungScheduler
+
+        sched = RungScheduler(s.early_stop, s.metrics, s.modes)
+        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            try:
+                data = json.loads((self.trial_folder(t.number) / "result.json").read_text())
+                history, metrics = data["history"], data["metrics"]
+                if not isinstance(history, list) or not isinstance(metrics, dict):
+                    raise ValueError("history/metrics of the wrong type")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("study.early_stop: trial %d's epoch figures unreadable (%s); its rungs not counted",
+                            t.number, e)
+                continue
+            sched.add_completed([h for h in history if isinstance(h, dict)], metrics)
+        return sched
 
     def save_manifest(self) -> None:
         self.manifest.save(self.paths.manifest)
@@ -230,9 +255,13 @@ class Study:
             log.info("replacing Tune's folder of an earlier run, %s (scratch)", self.paths.experiment_location)
             self.paths.remove_experiment()
         s = self.space.study
+        from study.search.optuna_search import load_optuna_study
+
+        rungs = self.rung_scheduler(load_optuna_study(self.manifest.storage, s.name, self.space))
+        reasons = rungs.reasons if rungs is not None else None
         return tune.Tuner(
             self.trainable(cpus, gpus, dense),
-            tune_config=tune.TuneConfig(search_alg=self.searcher(), num_samples=remaining,
+            tune_config=tune.TuneConfig(search_alg=self.searcher(reasons), num_samples=remaining, scheduler=rungs,
                                         max_concurrent_trials=s.max_concurrent,
                                         time_budget_s=s.time_budget_s or None,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
@@ -240,7 +269,7 @@ class Study:
             run_config=tune.RunConfig(
                 name=s.name, storage_path=self.paths.tune_storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),  # a dead worker's trial: again
-                callbacks=study_mlflow.callbacks(self, tracker, parent), stop=dense.guard()),
+                callbacks=study_mlflow.callbacks(self, tracker, parent, reasons), stop=dense.guard()),
         )
 
     def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from ray.tune.search import Searcher
 
@@ -37,7 +37,8 @@ DIED = ("it ended outside the trial's own code more often than study.max_failure
 class StudySearch(Searcher):
     """Tune searcher over one Optuna study (see the module docstring)."""
 
-    def __init__(self, space: SearchSpace, storage_url: str, n_trials: int | None = None):
+    def __init__(self, space: SearchSpace, storage_url: str, n_trials: int | None = None,
+                 stop_reasons: Mapping[str, str] | None = None):
         super().__init__(metric=None, mode=None)
         self.space, self.storage_url = space, storage_url
         self.name = space.study.name
@@ -45,6 +46,7 @@ class StudySearch(Searcher):
         self.n_trials = space.study.n_trials if n_trials is None else n_trials
         self.numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number (this driver's trials)
         self.told: set[str] = set()
+        self.stop_reasons = stop_reasons if stop_reasons is not None else {}  # Tune trial id -> why (a rung)
         self._study: Any = None
         self._storage: Any = None
 
@@ -125,7 +127,7 @@ class StudySearch(Searcher):
         if error:
             self._tell(number, None, DIED, attrs)
         elif not result.get("final"):
-            self._tell(number, None, STOPPED, attrs, pruned=True)
+            self._tell(number, None, self.stop_reasons.get(trial_id, STOPPED), attrs, pruned=True)
         elif result.get(FAIL_KEY):
             self._tell(number, None, str(result[FAIL_KEY]), attrs)
         else:

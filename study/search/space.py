@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from study.errors import ConfigError, did_you_mean, unknown_key
+from study.search.rungs import RungRule, parse_rungs
 from study.search import samplers
 from study.search.objectives import DEFAULT_OBJECTIVES, Objective, check_suite_objectives, parse_objectives
 from study.search.robust_settings import (CONFIRM_DEFAULT, BaselineSettings, ConfirmSettings, RobustnessSettings,
@@ -93,6 +94,9 @@ class StudySettings:
     confirm: ConfirmSettings = field(default=CONFIRM_DEFAULT, metadata={"parse": parse_confirm})
     # the LWM baseline at the front's sizes, validated and confirmed on test after the front (None = off)
     baselines: BaselineSettings | None = field(default=None, metadata={"parse": parse_baselines})
+    # multi-fidelity: stop a trial at a rung (epoch count) when enough completed trials dominate its objectives
+    # at that epoch (study.search.rungs); it is PRUNED, never in the front. None/false = every trial runs in full
+    early_stop: RungRule | None = field(default=None, metadata={"parse": parse_rungs})
 
     def __post_init__(self) -> None:
         # suite objectives take the suite's spelling (robust.l2.1.0 -> robust.l2.1) and need their section

@@ -59,26 +59,26 @@ def open_parent_run(st: Study, tracker: Any) -> str:
     return st.manifest.parent_run_id
 
 
-def callback(st: Study, tracker: Any, parent: Any = None) -> Any:
+def callback(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = None) -> Any:
     """The MLflow callback; `parent`: what returns the parent run's id once it is open (default: the
-    manifest's)."""
+    manifest's); `stop_reasons`: Tune trial id -> why a scheduler stopped it (study.search.rung_scheduler)."""
     from study.search.tracking import MlflowTrialCallback
 
     return MlflowTrialCallback(tracker, st.space.study.name, parent or st.manifest.parent_run_id,
                                str(st.paths.space),
                                trial_config=functools.partial(build_config, st.space.trial, st.fixed),
                                link=functools.partial(link_mlflow_run, st.manifest.storage, st.space.study.name),
-                               trial_dir=st.paths.pull_trial)
+                               trial_dir=st.paths.pull_trial, stop_reasons=stop_reasons)
 
 
-def callbacks(st: Study, tracker: Any, parent: Any = None) -> list[Any]:
+def callbacks(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = None) -> list[Any]:
     """Tune's JSON and CSV result loggers (what `tune` and ExperimentAnalysis read), the MLflow callback
     and ReportPreload (study.search.warmup)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from study.search.warmup import ReportPreload
 
-    return [JsonLoggerCallback(), CSVLoggerCallback(), callback(st, tracker, parent),
+    return [JsonLoggerCallback(), CSVLoggerCallback(), callback(st, tracker, parent, stop_reasons),
             ReportPreload(st.space.study.n_trials)]
 
 

@@ -298,8 +298,9 @@ class MlflowTrialCallback(Callback):
 
     def __init__(self, tracker: Tracker, study: str, parent_run_id: str | Callable[[], str], space_file: str,
                  trial_config: Callable[[Mapping[str, Any]], Any], link: Callable[[int, str], None] | None = None,
-                 trial_dir: Callable[[int], Path] | None = None):
+                 trial_dir: Callable[[int], Path] | None = None, stop_reasons: Mapping[str, str] | None = None):
         self.tracker, self.study, self._parent = tracker, study, parent_run_id
+        self.stop_reasons = stop_reasons if stop_reasons is not None else {}  # Tune trial id -> a scheduler's why
         self.space_file, self.trial_config, self.link = space_file, trial_config, link
         self.trial_dir = trial_dir  # Optuna trial number -> the folder with the trial's model.pt/result.json
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
@@ -364,7 +365,10 @@ class MlflowTrialCallback(Callback):
         last = trial.last_result or {}
         final = bool(last.get("final"))
         status = "FINISHED" if final and not last.get(FAIL_KEY) else "FAILED" if final else "KILLED"
-        if not final:
+        if not final and trial.trial_id in self.stop_reasons:  # study.early_stop: PRUNED in Optuna
+            self.tracker.log_batch(run_id, tags={"stop_reason": self.stop_reasons[trial.trial_id][:500],
+                                                 "optuna_state": "PRUNED"})
+        elif not final:
             self.tracker.log_batch(run_id, tags={FAIL_KEY: "stopped before its final report"})
         elif last.get(FAIL_KEY):  # the trial recorded its own failure (study.search.trainable)
             self.tracker.log_batch(run_id, tags={FAIL_KEY: str(last[FAIL_KEY])[:500]})

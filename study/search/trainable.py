@@ -124,6 +124,10 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
         nonlocal last_step
         last_step = report.step
         record = {**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step}
+        missing = [k for k in objectives if k not in record]
+        if missing:  # size objectives, counted now: a rung (study.search.rung_scheduler) judges every objective
+            size = getattr(report, "size", lambda: {})()
+            record.update({k: float(size[k]) for k in missing if k in size})
         reports.append(record)
         if due():
             files.save_checkpoint({**report.state(), "reports": list(reports)})

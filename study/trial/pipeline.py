@@ -49,6 +49,9 @@ class EpochReport:
     # Resume state: torch.save-able, loads with weights_only=True. Its tensors alias the live model and
     # optimizer, so save it before returning from on_epoch.
     state: Callable[[], dict[str, Any]]
+    # The model's size figures now (pruning.SizeReport.as_metrics: params_kept, sparsity, ...), counted from
+    # the exported weights as the final metrics are; computed only when called (a rung needs the objectives).
+    size: Callable[[], dict[str, float]] = lambda: {}
 
 
 @dataclass
@@ -224,6 +227,11 @@ def _initial_mask(ctx: _Context, model: nn.Module) -> None:
     pruning.refresh_masks(model, p.keep_fraction, p.scope)
 
 
+def _size(model: nn.Module) -> dict[str, float]:
+    state = pruning.export_state_dict(model)
+    return pruning.size_report(state, pruning.prunable_weight_names(model)).as_metrics()
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -246,7 +254,8 @@ def run_trial(
         step += 1
         history.append({"stage": stage, "epoch": epoch, **metrics})
         if on_epoch is not None:
-            on_epoch(EpochReport(stage, epoch, step, dict(metrics), lambda s=step: {**state(), "step": s}))
+            on_epoch(EpochReport(stage, epoch, step, dict(metrics), lambda s=step: {**state(), "step": s},
+                                 size=lambda: _size(model)))
 
     resume_stage = resume_state["stage"] if resume_state else None
     if resume_state is not None:
