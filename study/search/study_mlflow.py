@@ -68,7 +68,7 @@ def callback(st: Study, tracker: Any, parent: Any = None) -> Any:
                                str(st.paths.space),
                                trial_config=functools.partial(build_config, st.space.trial, st.fixed),
                                link=functools.partial(link_mlflow_run, st.manifest.storage, st.space.study.name),
-                               trial_dir=st.paths.pull_trial)
+                               trial_dir=st.paths.pull_trial, trial_uri=st.paths.trial_location)
 
 
 def callbacks(st: Study, tracker: Any, parent: Any = None) -> list[Any]:
