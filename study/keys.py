@@ -1,8 +1,9 @@
 """Names shared by the trial, the search and the analysis: one source for each.
 
 - The keys that tie a trial together across Tune, Optuna and MLflow: the Optuna trial number in a Tune
-  config and on every MLflow trial run (`NUMBER_KEY`), the Ray node that ran it (`NODE_KEY`), and the tags
-  that find a study's parent run and a trial's nested run (`study_run_key`, `trial_run_key`).
+  config and on every MLflow trial run (`NUMBER_KEY`), the Ray node that ran it (`NODE_KEY`), the tags
+  that find a study's parent run and a trial's nested run (`study_run_key`, `trial_run_key`), and the
+  reference a run holds to a model it does not store (`MODEL_REF_FILE`, `MODEL_URI_TAG`).
 - Metric names of the robustness suite: eps and r are written by `fmt` (at most 4 decimals, no trailing
   zeros), so an objective's name is the name the suite reports; `suite_metric` builds them, and the suite's
   test-split figures carry `TEST_PREFIX`.
@@ -18,6 +19,10 @@ STUDY_TAG = "study"
 ROLE_TAG = "run_role"  # "study" on the parent run, "trial" on a nested one
 PARENT_TAG = "mlflow.parentRunId"
 TEST_PREFIX = "test."  # the suite's final (test split) metrics, e.g. test.robust.linf.0.1
+# A trial run whose model stays in the study folder's bucket (study.search.tracking.model_by_reference): the
+# artifact model/MODEL_REF_FILE ({"uri", "bytes", "sha256"}) and the tag MODEL_URI_TAG name that object.
+MODEL_REF_FILE = "model_ref.json"
+MODEL_URI_TAG = "model_uri"
 
 
 def study_run_key(study: str) -> dict[str, str]:

@@ -4,6 +4,9 @@ on 127.0.0.1: moto's server mode (what Ray's own storage tests use), one process
 - study.search.store against the server: round trips, trees, deletes, the atomic local download.
 - The checks before Ray starts: a bad URI, an unknown scheme, a missing bucket and missing credentials each
   give one line and exit status 2; an Optuna journal on an object store is refused.
+- A model's bytes once per bucket: a finished trial's MLflow run references the study folder's model.pt
+  (tag model_uri, model/model_ref.json) where its artifacts share the study's S3 bucket, and stores the
+  bytes elsewhere (another bucket, a local folder); the rule's unit test.
 - The slow end-to-end test: a 2-node Ray cluster (head with no CPUs + a worker node) runs a study into the
   bucket; the driver is killed mid-study; the whole cluster is torn down and every local folder of it is
   deleted (Ray's temp folders, the nodes' scratch folders, the driver's mirror); a NEW cluster resumes the
@@ -15,6 +18,7 @@ on 127.0.0.1: moto's server mode (what Ray's own storage tests use), one process
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -247,6 +251,125 @@ def test_missing_study_in_a_bucket_names_the_studies_there(aws, tmp_path, monkey
     Store(f"s3://{BUCKET}/listing").delete_tree()
 
 
+# --- a model's bytes once per bucket: the run references the study folder's model.pt ---------------------
+
+
+@pytest.mark.parametrize("artifact_uri, study_folder, expected", [
+    (f"s3://{BUCKET}/team/mlartifacts/s/1/abc/artifacts", f"s3://{BUCKET}/team/s/trials/0003", True),
+    (f"S3://{BUCKET}/mlflow/1/abc/artifacts", f"s3://{BUCKET}/elsewhere/s", True),  # any prefix of one bucket
+    ("s3://other-bucket/mlartifacts/s/1/abc/artifacts", f"s3://{BUCKET}/team/s/trials/0003", False),
+    (f"s3://{BUCKET}-2/mlartifacts/s/1/abc/artifacts", f"s3://{BUCKET}/team/s/trials/0003", False),
+    ("file:///home/me/runs/mlartifacts/s/1/abc/artifacts", f"s3://{BUCKET}/team/s/trials/0003", False),
+    ("/home/me/runs/mlartifacts/s/1/abc/artifacts", f"s3://{BUCKET}/team/s/trials/0003", False),
+    ("mlflow-artifacts:/1/abc/artifacts", f"s3://{BUCKET}/team/s/trials/0003", False),  # a server's proxy
+    (f"s3://{BUCKET}/team/mlartifacts/s/1/abc/artifacts", "/home/me/runs/s/trials/0003", False),
+    (f"s3://{BUCKET}/team/mlartifacts/s/1/abc/artifacts", "", False),
+    (f"gs://{BUCKET}/team/mlartifacts/s/1/abc/artifacts", f"gs://{BUCKET}/team/s/trials/0003", False),
+    ("s3:///no-bucket/x", "s3:///no-bucket/y", False),
+])
+def test_model_by_reference_only_where_the_run_shares_the_study_folders_s3_bucket(artifact_uri, study_folder,
+                                                                                    expected):
+    from study.search.tracking import model_by_reference
+
+    assert model_by_reference(artifact_uri, study_folder) is expected
+
+
+def _make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          **{k.lower(): v for k, v in KEYS.items() if k != "AWS_DEFAULT_REGION"})
+    if name not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=name)
+
+
+def _objects_holding(bucket: str, data: bytes) -> list[str]:
+    """The keys of every object in `bucket` whose bytes are `data`."""
+    from study.search.store import Store
+
+    store = Store(f"s3://{bucket}")
+    return [k for k, size in store.list_files().items() if size == len(data) and store.read_bytes(k) == data]
+
+
+@pytest.mark.parametrize("where", ["same bucket", "other bucket", "local folder"])
+def test_finished_trial_run_references_its_model_in_the_study_bucket_else_stores_it(aws, tmp_path, monkeypatch,
+                                                                                    where):
+    """A finished trial through MlflowTrialCallback.on_trial_complete, its study folder in the bucket. With the
+    run's artifacts in the same bucket the bucket holds the model's bytes once (trials/0003/model.pt) and the
+    run carries the tag model_uri and model/model_ref.json (that object's URI, size and sha256), which
+    `study evaluate runs:/<id>` follows; elsewhere the run stores model/model.pt itself, as before."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from study.errors import UserError
+    from study.keys import MODEL_REF_FILE, MODEL_URI_TAG, NUMBER_KEY, study_run_key
+    from study.robustness import targets
+    from study.search.layout import study_paths
+    from study.search.store import Store
+    from study.search.tracking import MlflowTrialCallback, Tracker
+    from study.trial.config import TrialConfig
+
+    monkeypatch.setenv("STUDY_CACHE_DIR", str(tmp_path / "cache"))
+    name, other = "refstudy", f"{BUCKET}-artifacts"
+    prefix = f"refs-{where.replace(' ', '-')}"
+    runs = f"s3://{BUCKET}/{prefix}"
+    artifact_root = {"same bucket": f"{runs}/mlartifacts/{name}", "other bucket": f"s3://{other}/{prefix}/{name}",
+                     "local folder": str(tmp_path / "mlartifacts" / name)}[where]
+    if where == "other bucket":
+        _make_bucket(aws, other)
+    paths = study_paths(runs, name)
+    model = os.urandom(40_000)  # bytes no other object in the bucket holds
+    cfg = TrialConfig()
+    paths.store.write_bytes("trials/0003/model.pt", model)
+    paths.store.write_text("trials/0003/result.json", json.dumps({"config": cfg.to_dict()}))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(tracking, name, artifact_root=artifact_root)
+    try:
+        parent = tracker.create_run(name, study_run_key(name))
+        callback = MlflowTrialCallback(tracker, name, parent, "", trial_config=lambda c: cfg,
+                                       trial_dir=paths.pull_trial, trial_uri=paths.trial_location)
+        trial = SimpleNamespace(trial_id="t3", config={NUMBER_KEY: 3}, last_result={"final": True})
+        callback.on_trial_complete(0, [], trial)
+        run_id = callback._runs["t3"]
+        client = MlflowClient(tracking_uri=tracking)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        logged = {f.path for f in client.list_artifacts(run_id, "model")}
+        sha256 = hashlib.sha256(model).hexdigest()
+        in_study = f"{prefix}/{name}/trials/0003/model.pt"
+        if where == "same bucket":
+            assert _objects_holding(BUCKET, model) == [in_study]  # the bytes once in the bucket ...
+            assert [k for k in _list(prefix) if k.endswith("model.pt")] == [f"{name}/trials/0003/model.pt"]
+            assert logged == {f"model/{MODEL_REF_FILE}", "model/result.json"}  # ... the run references them
+            assert run.data.tags[MODEL_URI_TAG] == f"s3://{BUCKET}/{in_study}"
+            ref = json.loads(Path(client.download_artifacts(run_id, f"model/{MODEL_REF_FILE}",
+                                                            str(tmp_path / "dl"))).read_text())
+            assert ref == {"uri": f"s3://{BUCKET}/{in_study}", "bytes": len(model), "sha256": sha256}
+            obj = ref["uri"].rsplit("/", 1)
+            assert hashlib.sha256(Store(obj[0]).read_bytes(obj[1])).hexdigest() == ref["sha256"]
+            # `study evaluate runs:/<id>` follows the reference, and refuses an object rewritten since
+            target = targets.resolve(f"runs:/{run_id}", tracking, tmp_path / "scratch")
+            assert target.model_path.read_bytes() == model and target.config == cfg
+            paths.store.write_bytes("trials/0003/model.pt", os.urandom(40_000))
+            with pytest.raises(UserError, match="no longer the model the run logged"):
+                targets.resolve(f"runs:/{run_id}", tracking, tmp_path / "scratch2")
+        else:
+            assert _objects_holding(BUCKET, model) == [in_study]
+            assert logged == {"model/model.pt", "model/result.json"}  # today's behaviour: the bytes logged
+            assert MODEL_URI_TAG not in run.data.tags
+            copy = Path(client.download_artifacts(run_id, "model/model.pt", str(tmp_path / "dl")))
+            assert copy.read_bytes() == model
+            if where == "other bucket":
+                assert len(_objects_holding(other, model)) == 1
+            else:
+                assert list((tmp_path / "mlartifacts" / name).rglob("model.pt"))
+    finally:
+        Store(runs).delete_tree()
+        if where == "other bucket":
+            Store(f"s3://{other}/{prefix}").delete_tree()
+
+
 # --- end to end: two nodes, a killed driver, a new cluster, the bucket alone ------------------------------
 
 
@@ -351,7 +474,8 @@ def test_object_store_study_on_two_nodes_survives_a_killed_driver_and_a_new_clus
         assert ".lock" not in files  # released by the resuming driver
         front = [k for k in files if k.endswith("/confirm.json")]
         assert front, "the front's test-split confirmation is in the bucket"
-        # MLflow: one FINISHED run per trial, artifacts in the bucket
+        # MLflow: one FINISHED run per trial, artifacts in the bucket; each model's bytes once in the bucket (in
+        # the trial folder), the run referencing them (tag model_uri, model/model_ref.json with its sha256)
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking)
@@ -360,7 +484,19 @@ def test_object_store_study_on_two_nodes_survives_a_killed_driver_and_a_new_clus
         mruns = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("run_role") == "trial"]
         assert sorted(int(r.data.tags["optuna_trial_number"]) for r in mruns) == list(range(n))
         assert all(r.info.status == "FINISHED" for r in mruns)
-        assert any(k.endswith("/artifacts/model/model.pt") for k in _list(f"team/studies/mlartifacts/{name}"))
+        every = _list("team")
+        assert sorted(k for k in every if k.endswith("model.pt")) == \
+            [f"studies/{name}/trials/{t:04d}/model.pt" for t in range(n)]
+        for r in mruns:
+            number = int(r.data.tags["optuna_trial_number"])
+            key = f"team/studies/{name}/trials/{number:04d}/model.pt"
+            model = _store(f"s3://{BUCKET}", "team").read_bytes(key[len("team/"):])
+            assert _objects_holding(BUCKET, model) == [key]
+            assert r.data.tags["model_uri"] == f"s3://{BUCKET}/{key}"
+            ref = json.loads(Path(client.download_artifacts(r.info.run_id, "model/model_ref.json",
+                                                            str(tmp_path / "refs" / str(number)))).read_text())
+            assert ref["uri"] == f"s3://{BUCKET}/{key}" and ref["bytes"] == len(model)
+            assert ref["sha256"] == hashlib.sha256(model).hexdigest()
         assert not cluster.stop()
         clusters.remove(cluster)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import UserError
-from study.keys import NUMBER_KEY
+from study.keys import MODEL_REF_FILE, NUMBER_KEY
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -124,12 +124,14 @@ def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Targe
     by_name: dict[str, list[str]] = {}
     for f in files:
         by_name.setdefault(f.rsplit("/", 1)[-1], []).append(f)
-    models = by_name.get("model.pt", [])
-    if models:  # the model is an artifact: prefer one with its result.json beside it
-        folder = lambda p: p.rsplit("/", 1)[0] if "/" in p else ""  # noqa: E731
-        results = {folder(p): p for p in by_name.get("result.json", [])}
+    folder = lambda p: p.rsplit("/", 1)[0] if "/" in p else ""  # noqa: E731
+    results = {folder(p): p for p in by_name.get("result.json", [])}
+    models = by_name.get("model.pt", []) or by_name.get(MODEL_REF_FILE, [])
+    if models:  # the model is an artifact (or a reference to it): prefer one with its result.json beside it
         model = next((m for m in models if folder(m) in results), models[0])
         model_path = Path(client.download_artifacts(run_id, model, str(scratch)))
+        if model_path.name == MODEL_REF_FILE:
+            model_path = _referenced_model(text, model_path, scratch)
         if folder(model) in results:
             config = _config_from_result(Path(client.download_artifacts(run_id, results[folder(model)], str(scratch))))
         elif by_name.get("trial_config.json"):
@@ -146,6 +148,32 @@ def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Targe
     where = f" nor in its trial folder {folder_path}" if folder_path is not None else ""
     raise UserError(f"{text}: MLflow run {run_id} has no model artifact (no model.pt among its "
                       f"{len(files)} artifacts{where}); evaluate its trial folder or checkpoint instead")
+
+
+def _referenced_model(text: str, ref_file: Path, scratch: Path) -> Path:
+    """The model a run references instead of storing it (study.search.tracking.model_by_reference: the
+    study folder shares the run's bucket), copied into `scratch` and checked against the reference's sha256."""
+    from study.search import preflight
+    from study.search.store import Store
+
+    try:
+        ref = json_io.loads(ref_file.read_text())
+        uri, sha256 = ref["uri"], ref["sha256"]
+        if not (isinstance(uri, str) and "://" in uri and uri.endswith("/model.pt") and isinstance(sha256, str)):
+            raise ValueError("no object URI of a model.pt and its sha256")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{text}: the run's {MODEL_REF_FILE} is not a readable model reference ({e})") from None
+    folder = uri.rsplit("/", 1)[0]
+    preflight.check_runs_dir(folder, write=False)
+    local = scratch / ("ref-" + hashlib.sha1(uri.encode()).hexdigest()[:10]) / "model.pt"
+    try:
+        Store(folder).download_file("model.pt", local)
+    except FileNotFoundError:
+        raise UserError(f"{text}: the run's model is kept at {uri}, which no longer exists") from None
+    if hashlib.sha256(local.read_bytes()).hexdigest() != sha256:
+        raise UserError(f"{text}: {uri} is no longer the model the run logged (its sha256 differs from the "
+                        f"run's {MODEL_REF_FILE}): the trial folder was written again since")
+    return local
 
 
 def _trial_folder(run) -> Path | None:

@@ -20,8 +20,11 @@ metric, the front trials it serves (`for_trials`), its `overrides`, the test fig
 test_pgd_acc, test_autoattack_acc, test_robust_acc, test_points), `test_attack` (attack and budget in words),
 the confirmation's settings (`budget`, `eps`) and the config it ran (`config`). An entry is reused (a resume,
 a larger front) while its config and confirmation settings are unchanged; a damaged file is run again with a
-warning. Each model is saved as baselines/<front trial>/model.pt; the file is logged to the study's MLflow
-parent run. The report (analysis.report) draws the entries beside the front.
+warning. Each model is saved as baselines/<front trial>/model.pt in the study folder only (the entry's `model`
+names it): baselines.json is logged to the study's MLflow parent run, the models are not, so a bucket holds a
+baseline's bytes once whatever MLflow's artifact location (the rule a trial's model follows where its run
+shares the study's bucket: study.search.tracking.model_by_reference). The report (analysis.report) draws the
+entries beside the front.
 """
 from __future__ import annotations
 

@@ -128,6 +128,10 @@ class StudyPaths:
               f"{url}, is on another machine)", flush=True)
         return f"sqlite:///{local}"
 
+    def trial_location(self, number: int) -> str:
+        """Where a trial's folder really lives: its URI in the bucket, or its local path."""
+        return self.location(f"trials/{number:04d}")
+
     def pull_trial(self, number: int) -> Path:
         """A trial's folder in the mirror, filled from the bucket (the local folder of a local study)."""
         folder = trial_dir(self.root, number)

@@ -11,7 +11,9 @@ On an object store the bucket is the study's truth; nothing of it may live only 
   before it reads and copies back to it after it writes (manifest, space.yaml, confirm.json,
   pareto.csv, the report), so deleting the mirror loses nothing.
 Optuna stays on a database (an RDB URL, or the driver's local sqlite file: `data_dir`); MLflow on its
-tracking URI, with the artifacts of a local store in the bucket (`<runs>/mlartifacts/<study>`).
+tracking URI, with the artifacts of a local store in the bucket (`<runs>/mlartifacts/<study>`), where a
+trial's run references its model.pt in `<study>/trials/` instead of storing it again
+(study.search.tracking.model_by_reference).
 Endpoints and credentials come from the usual environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY or AWS_PROFILE, an instance profile; for gs://, Google's default credentials).
 """
@@ -137,6 +139,15 @@ class Store:
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
+
+    def sha256(self, rel: str) -> tuple[int, str]:
+        """(size in bytes, sha256 hex digest) of one object, read in 1 MiB pieces."""
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """One PUT on an object store: a reader sees the old object or the whole new one."""

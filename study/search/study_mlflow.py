@@ -68,7 +68,8 @@ def callback(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = No
                                str(st.paths.space),
                                trial_config=functools.partial(build_config, st.space.trial, st.fixed),
                                link=functools.partial(link_mlflow_run, st.manifest.storage, st.space.study.name),
-                               trial_dir=st.paths.pull_trial, stop_reasons=stop_reasons)
+                               trial_dir=st.paths.pull_trial, trial_uri=st.paths.trial_location,
+                               stop_reasons=stop_reasons)
 
 
 def callbacks(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = None) -> list[Any]:

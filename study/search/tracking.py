@@ -11,6 +11,10 @@ lock contention between trial processes), and a trial that dies without a word (
 is still marked FAILED. A trial's nested run is keyed by its Optuna trial number (tag
 `optuna_trial_number`, study.keys), which survives a resume, so a resumed trial reuses its run instead of
 adding one. mlflow is imported when a run is first touched; ray.tune at import (the callback's base class).
+
+A finished trial's run gets its result.json and its model.pt under `model/`; where the run's artifacts and the
+study folder share an S3 bucket, the model is not uploaded again but referenced (`model/model_ref.json` and
+the tag `model_uri`: model_by_reference).
 """
 from __future__ import annotations
 
@@ -22,14 +26,15 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-
-from study.search.store import is_remote
 from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY, ROLE_TAG, study_run_key, trial_run_key
+from study.keys import (FAIL_KEY, MODEL_REF_FILE, MODEL_URI_TAG, NODE_KEY, NUMBER_KEY, ROLE_TAG, study_run_key,
+                        trial_run_key)
+from study.search.store import is_remote
 
 # Result keys Tune adds or that are not metrics.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
@@ -43,6 +48,7 @@ EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the description MLflow's UI shows for an experiment or a run
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 MAX_PARAM_CHARS = 6000
+MODEL_FOLDER = "model"  # a trial run's artifact folder for its model.pt (or MODEL_REF_FILE) and result.json
 
 
 def default_tracking_uri(runs_dir: str | Path) -> str:
@@ -55,6 +61,44 @@ def default_tracking_uri(runs_dir: str | Path) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{folder / 'mlflow.db'}"
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+def _s3_bucket(location: str | Path | None) -> str | None:
+    """The bucket of an s3:// URI; None for anything else (a local path, file://, gs://, mlflow-artifacts:/)."""
+    parsed = urlparse(str(location or ""))
+    if parsed.scheme.lower() != "s3":
+        return None
+    return parsed.netloc or None
+
+
+def model_by_reference(artifact_uri: str | None, study_folder: str | Path | None) -> bool:
+    """Whether a trial run gets a reference to its model.pt (MODEL_REF_FILE and the MODEL_URI_TAG tag) instead
+    of the model's bytes: exactly when the run's artifact location (`artifact_uri`, as MLflow reports it) and
+    the study folder (`study_folder`, or a folder in it) are in the same S3 bucket.
+
+    Why: the study folder is the model's home and the study's source of truth (`<study>/trials/<n>/model.pt`).
+    Uploading it again as an artifact stores every model twice in one bucket (under `trials/` and under
+    MLflow's `mlartifacts/`), paid for twice, for nothing: whoever can read the bucket reads either copy, and
+    the reference's sha256 says whether the object is still the model the run logged. Everywhere else (a
+    local study folder or artifact root, two buckets, gs://, an MLflow server proxying its artifacts) the
+    bytes are logged as before: the two places may have different owners or lifetimes, and a run must keep
+    its model. Buckets are compared by name: a study talks to one S3 endpoint.
+    """
+    bucket = _s3_bucket(artifact_uri)
+    return bucket is not None and bucket == _s3_bucket(study_folder)
+
+
+def log_model_reference(tracker: "Tracker", run_id: str, folder_uri: str) -> dict[str, Any]:
+    """Log a reference to the model.pt of the trial folder `folder_uri` (an object-store URI): MODEL_REF_FILE
+    with the object's URI, size and sha256 (read from the object itself), and the tag MODEL_URI_TAG."""
+    from study.search.store import Store
+
+    folder = folder_uri.rstrip("/")
+    size, sha256 = Store(folder).sha256("model.pt")
+    ref = {"uri": f"{folder}/model.pt", "bytes": size, "sha256": sha256}
+    tracker.log_dict(run_id, ref, f"{MODEL_FOLDER}/{MODEL_REF_FILE}")
+    tracker.log_batch(run_id, tags={MODEL_URI_TAG: ref["uri"]})
+    return ref
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,13 +203,17 @@ class Tracker:
             self.client.log_batch(run_id, metrics=ms[:1000], params=chunk, tags=ts[:100])
             ms, ps, ts = ms[1000:], ps[MAX_PARAMS_PER_BATCH:], ts[100:]
 
+    def artifact_uri(self, run_id: str) -> str:
+        """Where the run's artifacts go, as the store holds it now (e.g. s3://BUCKET/.../<run id>/artifacts)."""
+        return self.client.get_run(run_id).info.artifact_uri
+
     def artifacts(self, run_id: str) -> Any:
         """The artifact repository of a run, from the location the store holds now (MLflow's client caches
         a run's location per process: a study folder copied in the same process would write into the
         original's artifacts)."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri, tracking_uri=self.tracking_uri)
+        return get_artifact_repository(self.artifact_uri(run_id), tracking_uri=self.tracking_uri)
 
     def log_dict(self, run_id: str, data: Mapping[str, Any], name: str) -> None:
         import json
@@ -293,16 +341,20 @@ class MlflowTrialCallback(Callback):
     `trial_config(config)` maps a Tune trial config to its TrialConfig (flat params + JSON artifact);
     `link(number, run_id)` records the run id with the Optuna trial (both picklable: Tune pickles this
     callback with the Tuner into its scratch folder, which nothing reads back). `parent_run_id`: the id, or what returns it once the
-    run is open (study.search.warmup.ParentRun).
+    run is open (study.search.warmup.ParentRun). `trial_dir(number)`: the local folder with a finished trial's
+    model.pt and result.json (logged under `model/`); `trial_uri(number)`: where that folder really lives (its
+    URI in a bucket), which decides whether the model's bytes or a reference are logged (model_by_reference).
     """
 
     def __init__(self, tracker: Tracker, study: str, parent_run_id: str | Callable[[], str], space_file: str,
                  trial_config: Callable[[Mapping[str, Any]], Any], link: Callable[[int, str], None] | None = None,
-                 trial_dir: Callable[[int], Path] | None = None, stop_reasons: Mapping[str, str] | None = None):
+                 trial_dir: Callable[[int], Path] | None = None, trial_uri: Callable[[int], str] | None = None,
+                 stop_reasons: Mapping[str, str] | None = None):
         self.tracker, self.study, self._parent = tracker, study, parent_run_id
         self.stop_reasons = stop_reasons if stop_reasons is not None else {}  # Tune trial id -> a scheduler's why
         self.space_file, self.trial_config, self.link = space_file, trial_config, link
         self.trial_dir = trial_dir  # Optuna trial number -> the folder with the trial's model.pt/result.json
+        self.trial_uri = trial_uri  # Optuna trial number -> that folder's URI (a bucket) or path
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._steps: dict[str, int] = {}  # MLflow run id -> last step logged
 
@@ -372,12 +424,21 @@ class MlflowTrialCallback(Callback):
             self.tracker.log_batch(run_id, tags={FAIL_KEY: "stopped before its final report"})
         elif last.get(FAIL_KEY):  # the trial recorded its own failure (study.search.trainable)
             self.tracker.log_batch(run_id, tags={FAIL_KEY: str(last[FAIL_KEY])[:500]})
-        elif self.trial_dir is not None:  # the exported sparse model and its result, for `study evaluate runs:/<id>`
-            folder = self.trial_dir(int(trial.config.get(NUMBER_KEY, -1)))
-            for name in ("model.pt", "result.json"):
-                if (folder / name).is_file():
-                    self.tracker.log_file(run_id, folder / name, "model")
+        elif self.trial_dir is not None:
+            self.log_outputs(run_id, int(trial.config.get(NUMBER_KEY, -1)))
         self.tracker.finish(run_id, status)
+
+    def log_outputs(self, run_id: str, number: int) -> None:
+        """The exported sparse model and its result, for `study evaluate runs:/<id>`: result.json, and model.pt's
+        bytes or, where the study folder shares the run's bucket, a reference to it (model_by_reference)."""
+        folder = self.trial_dir(number)
+        if (folder / "model.pt").is_file():
+            where = self.trial_uri(number) if self.trial_uri is not None else ""
+            if model_by_reference(self.tracker.artifact_uri(run_id), where):
+                log_model_reference(self.tracker, run_id, where)
+            else:
+                self.tracker.log_file(run_id, folder / "model.pt", MODEL_FOLDER)
+        self.tracker.log_file(run_id, folder / "result.json", MODEL_FOLDER)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)
