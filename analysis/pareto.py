@@ -38,6 +38,21 @@ def non_dominated(values: Any, modes: Sequence[str]) -> np.ndarray:
     return ~dominated
 
 
+def pareto_ranks(values: Any, modes: Sequence[str]) -> np.ndarray:
+    """Non-dominated sorting: rank 0 for the non-dominated points, rank 1 for those only rank-0 points
+    dominate, and so on (int array, one rank per point)."""
+    pts = to_minimization(values, modes)
+    ranks = np.full(len(pts), -1, dtype=int)
+    left = np.arange(len(pts))
+    rank = 0
+    while len(left):
+        mask = non_dominated(pts[left], ["min"] * pts.shape[1])
+        ranks[left[mask]] = rank
+        left = left[~mask]
+        rank += 1
+    return ranks
+
+
 def hypervolume(values: Any, modes: Sequence[str], ref: Sequence[float]) -> float:
     """Hypervolume (moocore) of the points against the reference point `ref` (in the raw units)."""
     pts = np.asarray(values, dtype=float).reshape(-1, len(modes))

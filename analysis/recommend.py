@@ -38,6 +38,7 @@ class Point:
     model_path: str = ""  # trials/<n>/model.pt where it exists
     test: Mapping[str, Any] = field(default_factory=dict)  # test_* figures of a confirmed front model
     test_budget: Mapping[str, Any] = field(default_factory=dict)  # its confirmation's settings (confirm.json)
+    val_points: float | None = None  # the validation points its robust accuracy was measured on (metric val_points)
 
     @property
     def compression(self) -> float | None:
@@ -48,6 +49,11 @@ class Point:
         """The test figure of this model includes standard AutoAttack (test_autoattack_acc is a number)."""
         v = self.test.get("test_autoattack_acc")
         return isinstance(v, (int, float)) and math.isfinite(v)
+
+    @property
+    def se(self) -> float | None:
+        """The standard error of the robust accuracy from its validation points (None when unknown)."""
+        return standard_error(self.robust, self.val_points)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,44 @@ def smallest_within(points: Iterable[Point], reference: float, within_points: fl
     floor = reference - within_points / 100.0
     ok = [p for p in points if p.robust >= floor - 1e-12]
     return min(ok, key=lambda p: (p.size, -p.robust, p.trial)) if ok else None
+
+
+# The rules in words, for the report page.
+KNEE_RULE = ("the knee of the front: the front model farthest above the straight line joining the front's smallest "
+             "and its largest model, with size on a log axis and both axes scaled to [0, 1] (where a further size cut "
+             "starts to cost disproportionately much robust accuracy); with fewer than three front models, or none above "
+             "that line, the front model nearest the ideal corner (smallest size, highest robust accuracy)")
+
+
+def within_rule(within_points: float) -> str:
+    return (f"the smallest model whose validation robust accuracy is at least the dense model's minus "
+            f"{within_points:g} percentage points (it is on the front)")
+
+
+NOISE_SE = 2.0  # two accuracies closer than this many standard errors of their difference are not told apart
+
+
+def standard_error(acc: float | None, n: float | None) -> float | None:
+    """sqrt(p (1 - p) / n): the binomial standard error of an accuracy p measured on n points (None when
+    either is unknown or n < 1)."""
+    if acc is None or n is None or not (math.isfinite(acc) and math.isfinite(n)) or n < 1:
+        return None
+    p = min(max(float(acc), 0.0), 1.0)
+    return math.sqrt(p * (1.0 - p) / float(n))
+
+
+def noise_gap(a: Point, b: Point) -> tuple[float, float] | None:
+    """(|a.robust - b.robust|, NOISE_SE x the standard error of that difference, sqrt(se_a^2 + se_b^2)); None
+    when either has no val_points. The two are not distinguishable when the first is at most the second."""
+    if a.se is None or b.se is None:
+        return None
+    return abs(a.robust - b.robust), NOISE_SE * math.hypot(a.se, b.se)
+
+
+def within_noise(a: Point, b: Point) -> bool | None:
+    """Whether two models' robust accuracies are within NOISE_SE standard errors of their difference (None: unknown)."""
+    gap = noise_gap(a, b)
+    return None if gap is None else gap[0] <= gap[1]
 
 
 def best_at_compression(points: Iterable[Point], factor: float) -> Point | None:

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from analysis import pareto, plots
 from analysis.recommend import best_at_compression, knee, smallest_within
-from analysis.report_data import Recommendation, ReportData, TestComparison, collect, mlflow_run_ids, test_comparison  # noqa: F401 - re-exported
+from analysis.report_data import Importances, Recommendation, ReportData, TestComparison, collect, mlflow_run_ids, test_comparison  # noqa: F401 - re-exported
 from analysis.report_page import render
 from study.keys import study_run_key
 
@@ -79,22 +79,64 @@ def summary(data: ReportData, rec: Recommendation) -> tuple[dict[str, float], di
 # Plots.
 
 
-def importances(optuna_study: Any, objectives: Sequence[str]) -> tuple[dict[str, dict[str, float]], str]:
-    """fANOVA importances of the searched parameters per objective ({} and the reason when impossible)."""
+# Importances need enough trials to say anything: fANOVA fits a random forest to the trials, and on a handful of
+# them it ranks parameters by chance.
+IMPORTANCE_MIN_TRIALS = 20
+# The size figures a trial reports (study.trial.pruning.SizeReport, read from the exported weights): the kept ones
+# are set by the pruning's keep fraction (and its scope, and the model where those are searched), the dense totals by
+# the model alone. Their importances would only restate how they are computed: the report says so instead.
+KEPT_SIZE_METRICS = ("params_kept", "prunable_kept", "sparsity", "compression", "sparse_bytes")
+DENSE_SIZE_METRICS = ("params_total", "prunable_total", "dense_bytes")
+PRUNE_SIZE_KEYS = ("prune.keep_fraction", "prune.scope")
+MODEL_SIZE_KEYS = ("model.arch", "model.width")
+
+
+def _and(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def size_note(objective: str, searched: Sequence[str]) -> str | None:
+    """For a size objective (set by construction), the sentence naming what sets it; None for any other objective."""
+    if objective in KEPT_SIZE_METRICS:
+        keys = [k for k in PRUNE_SIZE_KEYS + MODEL_SIZE_KEYS if k in searched]
+        if "prune.keep_fraction" not in keys:
+            keys.insert(0, "prune.keep_fraction (fixed in this study)")
+    elif objective in DENSE_SIZE_METRICS:
+        keys = [k for k in MODEL_SIZE_KEYS if k in searched] or ["the model (fixed in this study)"]
+    else:
+        return None
+    return f"{objective} is set by {_and(keys)}: no importance is computed"
+
+
+def importances(optuna_study: Any, objectives: Sequence[str], min_trials: int = IMPORTANCE_MIN_TRIALS) -> Importances:
+    """fANOVA importances (Optuna's public optuna.importance API, seed 0) of the searched parameters for each
+    objective that is not a size set by construction, once the study has `min_trials` COMPLETE trials."""
     import optuna
 
-    out = {}
-    try:
-        for i, name in enumerate(objectives):
+    complete = pareto.complete_trials(optuna_study)
+    searched = sorted({k for t in optuna_study.get_trials(deepcopy=False) for k in t.params})
+    out = Importances({}, {}, len(complete), min_trials)
+    for name in objectives:
+        note = size_note(name, searched)
+        if note:
+            out.notes[name] = note
+    if out.too_few:
+        return out
+    for i, name in enumerate(objectives):
+        if name in out.notes:
+            continue
+        try:
             evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
             imp = optuna.importance.get_param_importances(optuna_study, evaluator=evaluator,
                                                           target=lambda t, i=i: t.values[i])
-            out[name] = {k: float(v) for k, v in imp.items()}
-    except Exception as e:  # too few or too uniform trials: the report says why instead of a picture
-        return {}, f"{type(e).__name__}: {e}"
-    if not any(out.values()):
-        return {}, "no parameter was searched in every completed trial"
-    return out, ""
+        except Exception as e:  # e.g. no parameter searched in every trial: the page says why instead of a picture
+            out.notes[name] = f"no importance for {name} ({type(e).__name__}: {e})"
+            continue
+        if imp:
+            out.values[name] = {k: float(v) for k, v in sorted(imp.items(), key=lambda kv: -kv[1])}
+        else:
+            out.notes[name] = f"no importance for {name}: no parameter was searched in every completed trial"
+    return out
 
 
 def pick_color_param(space: Any, imps: Mapping[str, Mapping[str, float]], robust: str) -> str | None:
@@ -121,29 +163,55 @@ def front_plot_inputs(data: ReportData, rec: Recommendation, color: str | None) 
             "front_test_key": cmp.front_key, "front_test_label": cmp.front_label}
 
 
+def search_lines(optuna_study: Any, modes: Sequence[str]) -> tuple[list[plots.ParamAxis], list[plots.TrialLine]]:
+    """The parallel and slice views' inputs: the searched parameters (from Optuna's distributions, in the order
+    they first appear) and one line per COMPLETE (with its Pareto rank), FAIL or PRUNED trial."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    complete = pareto.complete_trials(optuna_study)
+    ranks = dict(zip((t.number for t in complete),
+                     pareto.pareto_ranks([t.values for t in complete], modes).tolist())) if complete else {}
+    shown = [t for t in optuna_study.get_trials(deepcopy=False)
+             if t.number in ranks or (t.state in (TrialState.FAIL, TrialState.PRUNED) and t.params)]
+    dists: dict[str, Any] = {}
+    for t in shown:
+        for k, d in t.distributions.items():
+            dists.setdefault(k, d)
+    axes = [plots.ParamAxis(k, "category", choices=tuple(str(c) for c in d.choices))
+            if isinstance(d, CategoricalDistribution) else plots.ParamAxis(k, "number", log=bool(getattr(d, "log", False)))
+            for k, d in dists.items()]
+    lines = [plots.TrialLine(t.number, dict(t.params), list(t.values) if t.number in ranks else None, ranks.get(t.number))
+             for t in shown]
+    return axes, lines
+
+
 def draw(data: ReportData, rec: Recommendation, out: Path, optuna_study: Any, space: Any,
          color_by: str | None = None) -> dict[str, Any]:
     """Every PNG of the report; returns {name: path or the reason it is missing, "importances": ...}."""
-    import optuna
-
     drawn: dict[str, Any] = {}
-    imps, why = importances(optuna_study, data.objectives)
-    drawn["importances"], drawn["importances_note"] = imps, why
-    color = color_by or pick_color_param(space, imps, data.robust_metric)
+    imp = importances(optuna_study, data.objectives)
+    drawn["importances"], drawn["importance_info"] = imp.values, imp
+    color = color_by or pick_color_param(space, imp.values, data.robust_metric)
     drawn["color_by"] = color
     drawn["front"] = plots.front_plot(out / "front.png", **front_plot_inputs(data, rec, color))
     drawn["hypervolume"] = plots.hypervolume_plot(out / "hypervolume.png", data.hv_history)
-    drawn["importance"] = plots.importance_plot(out / "importance.png", imps) if imps else why
+    drawn["importance"] = plots.importance_plot(out / "importance.png", imp.values) if imp.values else imp.reason
+    axes, lines = search_lines(optuna_study, data.modes)
     ri = data.objectives.index(data.robust_metric)
-    vm = optuna.visualization.matplotlib
-    target = {"target": lambda t: t.values[ri], "target_name": data.robust_metric}
-    for name, fn in (("parallel", vm.plot_parallel_coordinate), ("slice", vm.plot_slice)):
+    views = (("parallel", lambda p: plots.parallel_plot(p, axes, lines, data.objectives, data.modes)),
+             ("slice", lambda p: plots.slice_plot(p, axes, lines, ri, data.robust_metric)))
+    for name, fn in views:
         if len(data.points) < 2:
             drawn[name] = "fewer than two completed trials"
             continue
+        if not axes:
+            drawn[name] = "no searched parameter"
+            continue
         try:
-            drawn[name] = plots.optuna_plot(out / f"{name}.png", lambda fn=fn: fn(optuna_study, **target))
-        except Exception as e:  # an Optuna view that cannot draw this study loses one picture, not the report
+            drawn[name] = fn(out / f"{name}.png")
+        except Exception as e:  # a view that cannot draw this study loses one picture, not the report
+            log.warning("report: %s.png not drawn: %s: %s", name, type(e).__name__, e)
             drawn[name] = f"{type(e).__name__}: {e}"
     drawn["curves"] = plots.curves_plot(out / "curves.png", data.curves) if data.curves else \
         "no front trial has a final robustness evaluation (study.robustness; trials/<n>/robustness_final.json)"
@@ -167,7 +235,7 @@ def write_report(study_root: Path, optuna_study: Any, space: Any, manifest: Any,
     data = collect(root, optuna_study, space, mlflow_run_ids(tracker, space.study.name, parent))
     rec = recommend(data, within_points)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Optuna's views warn about trials they leave out
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib and Optuna warn about what they leave out
         drawn = draw(data, rec, out, optuna_study, space, color_by)
     rows = pareto.front_rows(optuna_study, data.objectives)
     index = out / "index.html"

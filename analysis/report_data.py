@@ -141,13 +141,15 @@ def trial_point(t: Any, root: Path, objectives: Sequence[str], size: str, robust
     total = values.get(SIZE_TOTALS.get(size, ""))
     clean = values.get("val_clean_acc")
     model = folder / "model.pt"
+    n = values.get("val_points")  # the binomial standard error applies to an accuracy on n points, not to an AUC
     return Point(trial=t.number, size=float(values[size]), robust=float(values[robust]),
                  clean=float(clean) if finite(clean) else None,
                  total=float(total) if finite(total) and total > 0 else None,
                  params=dict(t.params), method=str(t.params.get("prune.method", default_method)),
                  run_id=str(attrs.get("mlflow_run_id") or run_ids.get(t.number, "")),
                  model_path=str(model) if model.is_file() else "", test=confirmed_figures(folder, attrs),
-                 test_budget=confirm_budget(folder))
+                 test_budget=confirm_budget(folder),
+                 val_points=float(n) if robust.endswith("_acc") and finite(n) and n >= 1 else None)
 
 
 def dense_reference(root: Path, space: Any, total: float | None) -> Reference | None:
@@ -278,6 +280,26 @@ class Recommendation:
     @property
     def chosen(self) -> Point | None:
         return self.within or self.knee
+
+
+@dataclass
+class Importances:
+    """fANOVA importances of the searched parameters, where the data supports them."""
+    values: dict[str, dict[str, float]]  # objective -> {parameter: importance}, most important first
+    notes: dict[str, str]  # objective -> why it has none (a size objective set by construction; an error)
+    complete: int  # COMPLETE trials of the study
+    needed: int  # the fewest COMPLETE trials importances are computed on
+
+    @property
+    def too_few(self) -> bool:
+        return self.complete < self.needed
+
+    @property
+    def reason(self) -> str:
+        """Why there is no picture (when `values` is empty)."""
+        if self.too_few:
+            return f"importance needs >= {self.needed} completed trials; this study has {self.complete}"
+        return "; ".join(self.notes.values()) or "no objective to compute importances for"
 
 
 @dataclass
