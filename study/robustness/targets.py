@@ -29,6 +29,8 @@ class Target:
 
 def resolve(text: str, tracking_uri: str, scratch: Path) -> Target:
     """A Target from a command-line TARGET; downloads a run's artifacts into `scratch`."""
+    if text.startswith("models:/"):
+        return _from_model(text, tracking_uri, scratch)
     if text.startswith("runs:/"):
         run_id = text[len("runs:/"):].strip("/").split("/")[0]
         if not RUN_ID.match(run_id):
@@ -148,6 +150,57 @@ def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Targe
     where = f" nor in its trial folder {folder_path}" if folder_path is not None else ""
     raise UserError(f"{text}: MLflow run {run_id} has no model artifact (no model.pt among its "
                       f"{len(files)} artifacts{where}); evaluate its trial folder or checkpoint instead")
+
+
+def _from_model(text: str, tracking_uri: str, scratch: Path) -> Target:
+    """A logged or registered trial model: models:/<name>@<alias>, models:/<name>/<version> or
+    models:/<model id>. Only its two artifacts are read (study.trial.mlflow_model: the weights file, with
+    torch's weights-only loader, and the trial config as JSON); the model's code is never run."""
+    from mlflow.exceptions import MlflowException
+
+    from study.trial.mlflow_model import CONFIG_FILE, WEIGHT_FILE
+
+    client = mlflow_client(tracking_uri)
+    ref = text[len("models:/"):].strip("/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            source = client.get_model_version_by_alias(name, alias).source
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            source = client.get_model_version(name, version).source
+        else:
+            source = f"models:/{ref}"
+        model_id = source[len("models:/"):].strip("/") if source.startswith("models:/") else ""
+        if not model_id:
+            raise UserError(f"{text}: its source {source!r} is not a logged model of this project")
+        model = client.get_logged_model(model_id)
+    except MlflowException as e:
+        first = (str(e).strip().splitlines() or ["not found"])[0]
+        raise UserError(f"{text}: no such model in {tracking_uri} ({first})") from None
+    import mlflow.artifacts
+
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location.rstrip('/')}/artifacts",
+                                                          dst_path=str(scratch / model_id), tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as e:
+        raise UserError(f"{text}: its artifacts could not be read ({e})") from None
+    weights, config_file = folder / WEIGHT_FILE, folder / CONFIG_FILE  # folder: the model's artifacts/
+    if not weights.is_file() or not config_file.is_file():
+        raise UserError(f"{text}: not a trial model of this project (no {WEIGHT_FILE} and {CONFIG_FILE} among its "
+                        f"artifacts: {sorted(p.name for p in folder.rglob('*') if p.is_file())[:8]})")
+    return Target(text, _config_from_json(config_file), weights, model.source_run_id or "", tracking_uri)
+
+
+def _config_from_json(path: Path) -> Any:
+    from study.trial.config import trial_from_dict
+
+    try:
+        return trial_from_dict(json_io.loads(path.read_text()))
+    except (json_io.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable trial config ({e})") from None
+    except ConfigError as e:
+        raise e.with_source(path) from None
 
 
 def _referenced_model(text: str, ref_file: Path, scratch: Path) -> Path:

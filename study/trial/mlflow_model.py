@@ -1,0 +1,109 @@
+"""A trial's exported model as an MLflow model that loads without unpickling anything.
+
+MLflow's pytorch flavour saves the whole module object with torch.save (a pickle), and a pyfunc PythonModel
+instance is cloudpickled; both would run code from the artifact store on load. This flavour is a pyfunc
+"model from code" (study/trial/mlflow_model_code.py, stored as the model's code): its artifacts are the trial's
+sparse weights file (model.pt, read with torch's weights-only loader) and its trial config as JSON; loading
+builds the architecture from the config. The input is a float32 NCHW batch of [0, 1] pixels (the model
+normalizes itself); the output, the logits.
+
+    model = mlflow.pyfunc.load_model("models:/<study>@recommended")
+    logits = model.predict(images)           # numpy float32 (n, C, H, W) -> (n, classes)
+
+`study evaluate models:/<name>@<alias>` reads the same two artifacts, never through pyfunc.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+WEIGHTS, CONFIG = "weights", "config"  # the artifact names of a logged trial model
+WEIGHT_FILE, CONFIG_FILE = "model.pt", "trial_config.json"  # their file names under the model's artifacts/
+CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
+
+
+class TrialModel:
+    """The pyfunc model (an mlflow.pyfunc.PythonModel: the base class is added on first use, so importing
+    this module does not import MLflow)."""
+
+    def load_context(self, context: Any) -> None:
+        from study.robustness.targets import read_checkpoint
+        from study.trial.config import trial_from_dict
+        from study.trial.data import dataset_info
+        from study.trial.models import load_exported
+
+        cfg = trial_from_dict(json.loads(Path(context.artifacts[CONFIG]).read_text()))
+        state = read_checkpoint(Path(context.artifacts[WEIGHTS]))
+        self.model = load_exported(cfg, state, dataset_info(cfg.data.name), "cpu")
+
+    def predict(self, context: Any, model_input: Any, params: Any = None) -> np.ndarray:
+        import torch
+
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            return self.model(x).numpy()
+
+
+def pyfunc_model() -> Any:
+    import mlflow.pyfunc
+
+    cls = type("TrialModel", (TrialModel, mlflow.pyfunc.PythonModel), {})
+    return cls()
+
+
+def signature(cfg: Any) -> tuple[Any, np.ndarray]:
+    """The model signature (float32 NCHW in, float32 logits out) and a one-image input example."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from study.trial.data import dataset_info
+
+    info = dataset_info(cfg.data.name)
+    shape = (-1, info.in_channels, info.image_size, info.image_size)
+    sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
+                         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, info.num_classes))]))
+    return sig, np.zeros((1, *shape[1:]), dtype=np.float32)
+
+
+def log_trial_model(run_id: str, weights: Path, config: Mapping[str, Any], metrics: Mapping[str, float],
+                    tags: Mapping[str, str] | None = None) -> str:
+    """Log a trial's model to its MLflow run (the tracking URI must be set); its metrics attached to the model.
+    Returns the logged model's id."""
+    import tempfile
+
+    import mlflow
+
+    from study.trial.config import trial_from_dict
+
+    cfg = trial_from_dict(config)
+    sig, example = signature(cfg)
+    if Path(weights).name != WEIGHT_FILE:
+        raise ValueError(f"{weights}: the weights file must be named {WEIGHT_FILE}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / CONFIG_FILE
+        cfg_file.write_text(json.dumps(dict(config), indent=1))
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(CODE_FILE),
+                                           artifacts={WEIGHTS: str(weights), CONFIG: str(cfg_file)},
+                                           signature=sig, input_example=example, pip_requirements=_requirements(),
+                                           tags=dict(tags or {}), model_type="robust-pruned")
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numeric:
+                mlflow.log_metrics(numeric, model_id=info.model_id)
+    return info.model_id
+
+
+def _requirements() -> list[str]:
+    """What loading needs: this project and torch at the versions logging ran with (no environment scan)."""
+    from importlib import metadata
+
+    out = []
+    for dist in ("robust-prune-study", "torch", "numpy"):
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(dist)
+    return out
