@@ -283,3 +283,17 @@ def log_report(tracker: Any, run_id: str, folder: Path, metrics: Mapping[str, fl
         describe_experiment(tracker, settings, getattr(space, "path", None), extra=extra)
     except Exception as e:
         log.warning("report: could not log the report to MLflow run %s: %s", run_id, e)
+    if tags.get("recommended_run_id"):  # the Model Registry: models:/<study>@recommended
+        from study.trial.mlflow_model import register_recommended
+
+        try:
+            version = register_recommended(tracker.client, tracker.experiment_id, space.study.name,
+                                           tags["recommended_run_id"], [p.run_id for p in data.front if p.run_id])
+        except Exception as e:  # noqa: BLE001 - a registry that refuses loses the alias, not the report
+            log.warning("report: could not register the recommended model: %s", e)
+        else:
+            if version is None:
+                log.warning("report: the recommended trial's MLflow run has no logged model: nothing registered")
+            else:
+                print(f"recommended model registered: models:/{space.study.name}@recommended (version {version})",
+                      flush=True)

@@ -25,7 +25,7 @@ trial (complete or pruned).
 from __future__ import annotations
 
 import argparse
-import csv
+import functools
 import heapq
 import math
 import random
@@ -148,15 +148,18 @@ def arms() -> dict[str, Arm]:
     return {a.name: a for a in out}
 
 
+@functools.lru_cache(maxsize=1)
+def _keep_param() -> Any:
+    from study.search.space import load_space
+
+    return next(p for p in load_space(search_table.SPACE).params if p.key == "prune.keep_fraction")
+
+
 def stratum(i: int, shift: float) -> float:
-    """keep_fraction of the i-th trial: a van der Corput point (base 2), shifted, on the space's log range."""
-    u, f, n = 0.0, 0.5, i
-    while n:
-        u += f * (n & 1)
-        n >>= 1
-        f /= 2
-    u = (u + shift) % 1.0
-    return 0.02 * (0.5 / 0.02) ** u
+    """keep_fraction of the i-th trial as `study.stratify` draws it (study.search.stratify)."""
+    from study.search.stratify import stratified_value
+
+    return stratified_value(_keep_param(), i, shift)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,7 +185,9 @@ def replay(arm: Arm, seed: int, concurrency: int, table: Mapping[tuple, list[Tri
     rule = rule or RungRule.default()
     study = optuna.create_study(directions=["minimize", "maximize"], sampler=arm.sampler(seed))
     rng = random.Random(10_007 * seed + concurrency)
-    shift = rng.random()
+    from study.search.stratify import shift_of
+
+    shift = shift_of(seed)
     events: list[tuple[float, int, int]] = []  # (time, tiebreak, trial number)
     running: dict[int, tuple[Any, Trial, int]] = {}  # number -> (optuna trial, table trial, epochs done)
     completed: list[Trial] = []
@@ -277,12 +282,17 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 
 def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of a - b and its 95% interval (Welch: the arms' seeds are independent replays)."""
+    """Mean of a - b over seeds and its 95% t-interval, paired by seed: the arms' replays of one seed share
+    their random numbers (the same replicate draws in the same order, the same first random trials), so the
+    per-seed difference is what varies."""
     from scipy import stats
 
-    r = stats.ttest_ind(a, b, equal_var=False)
-    ci = r.confidence_interval(0.95)
-    return float(np.mean(a) - np.mean(b)), float(ci.low), float(ci.high)
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    m = float(d.mean())
+    if len(d) < 2:
+        return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return m, m - h, m + h
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], traces: Mapping[tuple, Trace], default: str,
@@ -373,7 +383,7 @@ def write_page(rows: Sequence[Mapping[str, Any]], traces: Mapping[tuple, Trace],
         lines.append("")
     if e2e:
         lines += e2e_lines(e2e, by)
-    lines += ["Verdicts (difference of means, 95% Welch interval):", ""]
+    lines += ["Verdicts (mean difference over seeds, 95% t-interval paired by seed):", ""]
     for text, d, lo, hi in s["verdicts"]:
         verdict = "above zero" if lo > 0 else ("below zero" if hi < 0 else "includes zero")
         lines.append(f"- {text}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]: {verdict}")

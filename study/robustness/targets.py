@@ -193,7 +193,7 @@ def _from_model(text: str, tracking_uri: str, scratch: Path) -> Target:
 
 
 def _config_from_json(path: Path) -> Any:
-    from study.trial.config import trial_from_dict
+    from study.trial.config import ConfigError, trial_from_dict
 
     try:
         return trial_from_dict(json_io.loads(path.read_text()))

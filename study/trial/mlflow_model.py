@@ -107,3 +107,40 @@ def _requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             out.append(dist)
     return out
+
+
+RECOMMENDED_ALIAS = "recommended"
+
+
+def register_recommended(client: Any, experiment_id: str, name: str, recommended_run_id: str,
+                         front_run_ids: Any = ()) -> str | None:
+    """Tag the front's logged models (`front: true`) and register the recommended trial's model in the Model
+    Registry under `name` with the alias `recommended` (a new version only when the alias points elsewhere).
+    Returns the registered version, None when the recommended run has no logged model (nothing registered)."""
+    from mlflow.exceptions import MlflowException
+
+    models: dict[str, Any] = {}
+    for m in client.search_logged_models(experiment_ids=[experiment_id]):
+        if m.source_run_id:
+            models.setdefault(m.source_run_id, m)
+    for run_id in front_run_ids:
+        if run_id in models:
+            client.set_logged_model_tags(models[run_id].model_id, {"front": "true"})
+    chosen = models.get(recommended_run_id)
+    if chosen is None:
+        return None
+    source = f"models:/{chosen.model_id}"
+    try:
+        current = client.get_model_version_by_alias(name, RECOMMENDED_ALIAS)
+        if current.source == source:
+            return str(current.version)
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, description="Robust pruned models of the study; alias "
+                                       f"'{RECOMMENDED_ALIAS}': the report's recommendation")
+    except MlflowException:
+        pass  # it exists
+    version = client.create_model_version(name, source, run_id=recommended_run_id, model_id=chosen.model_id)
+    client.set_registered_model_alias(name, RECOMMENDED_ALIAS, version.version)
+    return str(version.version)
