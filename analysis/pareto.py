@@ -15,7 +15,7 @@ import numpy as np
 
 # Columns of the table, in order; the objectives and the searched params are added where missing. The val_*
 # figures come from the trials (selection); the test_* ones from the front's confirmation (study.confirm),
-# added by the runner from trials/<n>/confirm.json: they never pass through Optuna.
+# added by the study from trials/<n>/confirm.json: they never pass through Optuna.
 BASE_COLUMNS = ("trial", "params_kept", "compression", "val_clean_acc", "val_robust_acc", "test_clean_acc",
                 "test_robust_acc")
 

@@ -7,7 +7,7 @@ Reads only: the Optuna study (any state: a running study shows its COMPLETE tria
 (trials/<n>/result.json, confirm.json with the test_* figures of a confirmed front model,
 robustness_final.json with the final robustness curves), the dense checkpoint's pretraining history
 (pretrained/<key>.pt), an optional baselines.json (written by hand, or by study.baselines with the LWM
-baseline's validation and test figures: study.search.baselines), and MLflow for run ids Optuna lacks. Writes only
+baseline's validation and test figures: study.search.front.baselines), and MLflow for run ids Optuna lacks. Writes only
 into report/ (and, given a tracker, the same files as artifacts of the study's parent MLflow run with
 the front's summary as its metrics and tags). Every selection uses validation figures; test figures are
 shown beside them, never used to choose.
@@ -268,7 +268,7 @@ def log_report(tracker: Any, run_id: str, folder: Path, metrics: Mapping[str, fl
     """The report's files as artifacts (report/...) of the parent run, its summary as metrics and tags,
     and the experiment's and the run's description. A tracking store that refuses loses the MLflow
     copy, not the report."""
-    from study.search.tracking import NOTE_TAG, describe_experiment, study_description
+    from study.search.recording.tracking import NOTE_TAG, describe_experiment, study_description
 
     settings = dataclasses.asdict(space.study)
     best = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("best_"))

@@ -25,7 +25,7 @@ log = logging.getLogger("analysis.report")
 CONFIRM_FILE = "confirm.json"  # the test_* figures of a confirmed front model
 FINAL_FILE = "robustness_final.json"  # the final robustness suite of a front model
 # The LWM baseline: [{method, keep_fraction, params_kept, val_robust_acc, val_clean_acc, ...}], written by hand or
-# by study.baselines (study.search.baselines), which adds every val metric, for_trials, the test figures
+# by study.baselines (study.search.front.baselines), which adds every val metric, for_trials, the test figures
 # (test_clean_acc, test_pgd_acc, test_autoattack_acc, test_robust_acc, test_points), test_attack and budget.
 BASELINES_FILE = "baselines.json"
 SIZE_TOTALS = {"params_kept": "params_total", "prunable_kept": "prunable_total", "sparse_bytes": "dense_bytes"}

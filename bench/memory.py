@@ -31,7 +31,7 @@ def trial_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from study.trial.pipeline import run_trial
-    from study.search.space import load_space
+    from study.search.optimize.space import load_space
 
     base = max(base, common.rss_peak_bytes())
     device = spec["device"]

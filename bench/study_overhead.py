@@ -3,7 +3,7 @@
     python -m bench.study_overhead [--trials 8] [--space search_spaces/quickstart.yaml] [--short] [--repeats 3]
                                    [--no-quickstart]
 
-1. The study: `study.search.runner.run_study` of N trials with the space's own concurrency and CPUs per trial
+1. The study: `study.search.study.run_study` of N trials with the space's own concurrency and CPUs per trial
    (the quickstart: 2 trials at a time, 1 CPU each), as `study run --fresh` calls it: Ray's start-up and
    shutdown included, without the front's test-split evaluation (study.confirm, study.baselines: work, not
    machinery): the pretraining, Tune trials, Optuna asks/tells, MLflow runs, resume checkpoints, the
@@ -121,10 +121,11 @@ def _wrap_driver(timers: DriverTimers) -> None:
     from ray import tune
     from ray.tune.execution.tune_controller import TuneController
 
-    from study.search import runner, tracking
-    from study.search.searcher import StudySearch
+    from study.search.optimize.searcher import StudySearch
+    from study.search.recording import tracking
+    from study.search.study import Study
 
-    timers.wrap(runner.Study, "finish", "finish")
+    timers.wrap(Study, "finish", "finish")
     timers.wrap(tune.Tuner, "fit", "fit")
     timers.wrap(TuneController, "checkpoint", "snapshot")  # called every controller step; writes when due
     for m in ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"):
@@ -138,13 +139,15 @@ def _wrap_driver(timers: DriverTimers) -> None:
 
 
 def _space(space_file: str, n_trials: int, overrides: dict[str, Any], name: str) -> Any:
-    from study.search.space import load_space
+    from study.search.optimize.space import load_space
 
     return load_space(common.REPO / space_file, {"study.name": name, "study.n_trials": n_trials, **overrides})
 
 
 def study_run(space_file: str, n_trials: int, folder: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    from study.search import layout, optuna_search, runner
+    from study.search.folder import layout
+    from study.search.optimize import optuna_search
+    from study.search.study import run_study
 
     space = _space(space_file, n_trials, overrides, "bench_overhead")
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,10 +160,10 @@ def study_run(space_file: str, n_trials: int, folder: Path, overrides: dict[str,
     t0 = time.time()
     try:
         with contextlib.redirect_stdout(out):
-            outcome = runner.run_study(space, runs_dir=folder / "runs", fresh=True, final_eval=False,
-                                       num_cpus=os.cpu_count() or 1,
-                                       run_trial=functools.partial(timed_trial, log=str(events)),
-                                       pretrain=functools.partial(timed_pretrain, log=str(events)))
+            outcome = run_study(space, runs_dir=folder / "runs", fresh=True, final_eval=False,
+                                num_cpus=os.cpu_count() or 1,
+                                run_trial=functools.partial(timed_trial, log=str(events)),
+                                pretrain=functools.partial(timed_pretrain, log=str(events)))
         returned = time.time()
         ray.shutdown()  # what `study run` does at its exit
     finally:
@@ -195,7 +198,7 @@ def _pool_warm(_: int) -> int:
 
 def _pool_trial(space_file: str, overrides: dict[str, Any], fixed: dict[str, Any], params: dict[str, Any]) -> float:
     from study.keys import NUMBER_KEY
-    from study.search.trainable import build_config
+    from study.search.running.trainable import build_config
     from study.trial.pipeline import run_trial
 
     space = _space(space_file, 1, overrides, "bench_plain")
@@ -341,7 +344,7 @@ def table(r: dict[str, Any], machine: common.Machine) -> common.Table:
     notes = [
         f"`{r['space']}` with study.n_trials={r['n_trials']}" + "".join(f", {k}={v}" for k, v in over.items())
         + f" ({r['concurrency']} trials at a time, {r['cpus_per_trial']:g} CPU each), no final evaluation: the study = "
-        "study.search.runner.run_study (pretraining: in a process spawned by the driver on a one-machine CPU study, study.search.dense; "
+        "study.search.study.run_study (pretraining: in a process spawned by the driver on a one-machine CPU study, study.search.running.dense; "
         "Tune + Optuna, MLflow sqlite tracking, resume checkpoints by time (study.checkpoint_every_s: 60 s, so none in "
         "these trials), Pareto front + report), Ray's start-up and "
         "shutdown included; the plain script = study.trial.pipeline.pretrain "

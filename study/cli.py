@@ -1,7 +1,7 @@
 """`study run | resume | report | trial | pretrain | evaluate`: the one command line.
 
 Every flag of every command is declared here; each command's body is a function of its module taking
-plain arguments (study.search.runner.run_study, study.robustness.command.evaluate_command, ...). A user
+plain arguments (study.search.study.run_study, study.robustness.command.evaluate_command, ...). A user
 mistake (bad YAML, unknown key, out-of-range value, unknown name, missing data) prints one line naming
 the file, the key and the valid choices, and exits with status 2 before anything starts.
 """
@@ -42,8 +42,8 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     """One chosen model: train it, print its validation figures, then (once) its TEST figures."""
-    from study.search import front_files, robust_eval
-    from study.search.robust_settings import ConfirmSettings
+    from study.search.front import front_files, robust_eval
+    from study.search.front.robust_settings import ConfirmSettings
     from study.trial.evaluation import step_text
     from study.trial.pipeline import run_trial
 
@@ -102,7 +102,7 @@ def _add_trial_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set prune.keep_fraction=0.05 (repeatable)")
 
 
-# --- run, resume, report: study.search.runner ------------------------------------------------------
+# --- run, resume, report: study.search.study ------------------------------------------------------
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -166,8 +166,8 @@ def _exit_code(outcome: Any) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from study.search.runner import run_study
-    from study.search.space import load_space
+    from study.search.optimize.space import load_space
+    from study.search.study import run_study
 
     space = load_space(args.space, parse_overrides(args.set or []))
     return _exit_code(run_study(space, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, storage=args.storage,
@@ -176,14 +176,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from study.search.runner import resume_study
+    from study.search.study import resume_study
 
     return _exit_code(resume_study(args.name, runs_dir=args.runs_dir, address=args.address, num_cpus=args.num_cpus,
                                    final_eval=args.final_eval))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from study.search.runner import report_study
+    from study.search.study import report_study
 
     if not 0 <= args.within_points <= 100:
         raise ConfigError("--within-points", f"{args.within_points:g} is out of range; must be in [0, 100]")
@@ -267,8 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, level in QUIET_LOGGERS.items():  # their INFO lines say nothing a user acts on
         logging.getLogger(name).setLevel(level)
     func: Callable[[argparse.Namespace], int] = args.func
-    if args.command in ("run", "resume"):  # before anything imports ray (study.search.ray_cluster)
-        from study.search.ray_cluster import keep_local_ray_on_loopback
+    if args.command in ("run", "resume"):  # before anything imports ray (study.search.running.ray_cluster)
+        from study.search.running.ray_cluster import keep_local_ray_on_loopback
 
         keep_local_ray_on_loopback(args.address)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's Python stack to stderr (a hang's where)

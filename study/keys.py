@@ -19,7 +19,7 @@ STUDY_TAG = "study"
 ROLE_TAG = "run_role"  # "study" on the parent run, "trial" on a nested one
 PARENT_TAG = "mlflow.parentRunId"
 TEST_PREFIX = "test."  # the suite's final (test split) metrics, e.g. test.robust.linf.0.1
-# A trial run whose model stays in the study folder's bucket (study.search.tracking.model_by_reference): the
+# A trial run whose model stays in the study folder's bucket (study.search.recording.tracking.model_by_reference): the
 # artifact model/MODEL_REF_FILE ({"uri", "bytes", "sha256"}) and the tag MODEL_URI_TAG name that object.
 MODEL_REF_FILE = "model_ref.json"
 MODEL_URI_TAG = "model_uri"

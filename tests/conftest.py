@@ -1,5 +1,5 @@
 """Shared fixtures and fakes: the repository's paths, the tiny trial configs, a local Ray, and the fake
-trial and pretraining the study tests hand to the runner (instant, made-up but sensible metrics).
+trial and pretraining the study tests hand to run_study (instant, made-up but sensible metrics).
 
 Ray workers cannot import this module (tests/ is not on their path): its functions are shipped by value.
 """

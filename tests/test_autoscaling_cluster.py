@@ -117,12 +117,12 @@ def drive(space_file: str, runs: str, address: str, marker: str, log: str) -> No
     """Driver process body: `study run` with node_logging_trial, shipped to the workers by value."""
     import ray
 
-    from study.search import runner
-    from study.search.space import load_space
+    from study.search.optimize.space import load_space
+    from study.search.study import run_study
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     trial = functools.partial(node_logging_trial, victim=0, after_step=2, marker=marker, log=log)
-    outcome = runner.run_study(load_space(space_file), runs_dir=runs, address=address, run_trial=trial)
+    outcome = run_study(load_space(space_file), runs_dir=runs, address=address, run_trial=trial)
     sys.exit(0 if outcome.status == "complete" else 3)
 
 

@@ -1,4 +1,4 @@
-"""The LWM baseline at the front's sizes (`study.baselines`, study.search.baselines).
+"""The LWM baseline at the front's sizes (`study.baselines`, study.search.front.baselines).
 
 The setting's validation; which LWM runs a front needs and the configs they run; baselines.json written,
 reused while its settings are unchanged, redone when they change or the file is damaged (fake runs, no Ray);
@@ -28,9 +28,11 @@ from analysis.report_data import BASELINES_FILE, read_baselines
 from study.errors import ConfigError
 from study.trial.sparse_file import load_state
 from study.keys import NUMBER_KEY
-from study.search import baselines, layout, runner
-from study.search.robust_settings import ConfirmSettings
-from study.search.space import load_space
+from study.search.folder import layout
+from study.search.front import baselines
+from study.search.front.robust_settings import ConfirmSettings
+from study.search.optimize.space import load_space
+from study.search.study import Study, resume_study, run_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -127,13 +129,13 @@ def _optuna(trials):
     return study
 
 
-def _study(tmp_path, **overrides) -> runner.Study:
+def _study(tmp_path, **overrides) -> Study:
     space = load_space(QUICKSTART, {"study.baselines": True, **overrides})
     paths = layout.study_paths(tmp_path / "runs", "quickstart")
     paths.root.mkdir(parents=True, exist_ok=True)
     manifest = layout.Manifest(name="quickstart", space_file=str(QUICKSTART), storage="sqlite://",
                                tracking_uri="sqlite://", parent_run_id="parent")
-    return runner.Study(space, paths, manifest)
+    return Study(space, paths, manifest)
 
 
 def test_a_baseline_runs_the_front_trials_config_with_lwm(tmp_path):
@@ -296,7 +298,7 @@ def test_a_tiny_digits_study_runs_its_lwm_baseline_and_reports_it(tmp_path, caps
 
     space = load_space(QUICKSTART, TINY)
     runs = tmp_path / "runs"
-    outcome = runner.run_study(space, runs_dir=runs)
+    outcome = run_study(space, runs_dir=runs)
     out = capsys.readouterr().out
     assert outcome.status == "complete" and outcome.complete == 3
     root = runs / "quickstart"
@@ -351,7 +353,7 @@ def test_a_tiny_digits_study_runs_its_lwm_baseline_and_reports_it(tmp_path, caps
     assert BASELINES_FILE in [a.path for a in client.list_artifacts(manifest.parent_run_id)]
     # a resume reuses them
     before = (root / BASELINES_FILE).read_bytes()
-    runner.resume_study("quickstart", runs_dir=runs)
+    resume_study("quickstart", runs_dir=runs)
     assert "LWM baseline at the front's sizes" not in capsys.readouterr().out
     assert (root / BASELINES_FILE).read_bytes() == before
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from conftest import QUICKSTART, fake_pretrain, fake_run_trial
-from study.search import runner
-from study.search.space import load_space
-from study.search.trainable import CheckpointClock
+from study.search.optimize.space import load_space
+from study.search.running.trainable import CheckpointClock
+from study.search.study import run_study
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,8 +59,8 @@ def test_a_trial_checkpoints_by_time(tmp_path, every_s, expected):
     runs, log = tmp_path / "runs", tmp_path / "epochs.txt"
     space = load_space(QUICKSTART, {"study.n_trials": 1, "study.max_concurrent": 1,
                                     "study.checkpoint_every_s": every_s})
-    outcome = runner.run_study(space, runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
-                               run_trial=functools.partial(checkpoint_watching_trial, log=str(log)))
+    outcome = run_study(space, runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+                        run_trial=functools.partial(checkpoint_watching_trial, log=str(log)))
     assert outcome.complete == 1
     assert log.read_text().split("\n")[:-1] == expected  # fake trials: 2 epochs in well under a minute
     folder = runs / "quickstart" / "trials" / "0000"
@@ -80,7 +80,7 @@ def test_the_checkpoint_is_replaced_atomically_and_loaded_weights_only(tmp_path)
 
     import torch
 
-    from study.search.trainable import TrialFiles
+    from study.search.running.trainable import TrialFiles
 
     files = TrialFiles(str(tmp_path), 7)
     assert files.checkpoint() is None

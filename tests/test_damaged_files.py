@@ -33,8 +33,8 @@ import ray
 from conftest import QUICKSTART, fake_pretrain, fake_run_trial, logging_trial
 
 from study import cli
-from study.search import runner
-from study.search.space import load_space
+from study.search.optimize.space import load_space
+from study.search.study import resume_study, run_study
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -123,12 +123,12 @@ def studies(tmp_path_factory, local_ray):
     with the fronts their undamaged copies print."""
     base = tmp_path_factory.mktemp("damaged")
     finished = base / "finished"
-    runner.run_study(_space(3), runs_dir=finished, run_trial=fake_run_trial, pretrain=fake_pretrain,
-                     final_eval=False)
+    run_study(_space(3), runs_dir=finished, run_trial=fake_run_trial, pretrain=fake_pretrain,
+              final_eval=False)
     _plant_derived(finished)
     stopped = base / "stopped"
     trial = functools.partial(fake_run_trial, interrupt=(1, os.getpid(), str(base / "interrupted")))
-    first = runner.run_study(_space(3), runs_dir=stopped, run_trial=trial, pretrain=fake_pretrain, final_eval=False)
+    first = run_study(_space(3), runs_dir=stopped, run_trial=trial, pretrain=fake_pretrain, final_eval=False)
     assert first.status == "interrupted"
     assert (stopped / NAME / "trials" / "0001" / "checkpoint.pt").is_file()
     return {"finished": finished, "stopped": stopped}
@@ -140,13 +140,13 @@ def cli_run(monkeypatch, capsys, caplog):
     import logging
 
     monkeypatch.setattr(cli, "_stop_ray", lambda: None)  # Ray stays up for the next case
-    real = runner.resume_study
+    real = resume_study
 
     def resume(*args, **kw):
         return real(*args, **{**kw, "run_trial": kw.get("run_trial") or resume.trial, "pretrain": fake_pretrain})
 
     resume.trial = fake_run_trial
-    monkeypatch.setattr(runner, "resume_study", resume)
+    monkeypatch.setattr("study.search.study.resume_study", resume)
 
     def run(argv: list[str]) -> tuple[int, str, str]:
         capsys.readouterr()
@@ -290,7 +290,7 @@ def test_a_journal_left_by_a_killed_writer_is_rolled_back_not_refused(tmp_path):
 
     import optuna
 
-    from study.search.optuna_search import check_resumable
+    from study.search.optimize.optuna_search import check_resumable
 
     db = tmp_path / "optuna.db"
     optuna.create_study(study_name=NAME, storage=f"sqlite:///{db}", directions=["minimize", "maximize"]).ask()

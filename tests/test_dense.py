@@ -1,4 +1,4 @@
-"""The study's dense model (study.search.dense): pretraining overlaps the driver's set-up and the trial
+"""The study's dense model (study.search.running.dense): pretraining overlaps the driver's set-up and the trial
 workers' start, yet no trial trains before the dense model exists; a failed pretraining stops the search
 with its own error and removes the new study; a cached model needs no pretraining at all."""
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICKSTART, fake_pretrain, fake_run_trial
-from study.search import dense, runner
-from study.search.space import load_space
+from study.search.optimize.space import load_space
+from study.search.running import dense
+from study.search.study import resume_study, run_study
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,9 +75,9 @@ def test_no_trial_trains_before_the_dense_model_exists(tmp_path, monkeypatch, ca
     if mode == "task":  # what a cluster gets: a Ray task on a trial's resources
         monkeypatch.setattr(dense, "single_machine", lambda cpus: False)
     log = tmp_path / "events.jsonl"
-    outcome = runner.run_study(_space(), runs_dir=tmp_path / "runs", final_eval=False,
-                               pretrain=functools.partial(slow_pretrain, log=str(log)),
-                               run_trial=functools.partial(stamped_trial, log=str(log)))
+    outcome = run_study(_space(), runs_dir=tmp_path / "runs", final_eval=False,
+                        pretrain=functools.partial(slow_pretrain, log=str(log)),
+                        run_trial=functools.partial(stamped_trial, log=str(log)))
     assert outcome.status == "complete" and outcome.complete == 2
     events = _events(log)
     pre = [e for e in events if e["kind"] == "pretrain"]
@@ -95,7 +96,7 @@ def test_a_failed_pretraining_task_stops_the_search_and_removes_the_new_study(tm
     runs = tmp_path / "runs"
     t0 = time.monotonic()
     with pytest.raises(DataError, match="vanished"):  # its own error, not Ray's wrapper
-        runner.run_study(_space(n_trials=6), runs_dir=runs, run_trial=fake_run_trial, pretrain=broken_pretrain)
+        run_study(_space(n_trials=6), runs_dir=runs, run_trial=fake_run_trial, pretrain=broken_pretrain)
     assert time.monotonic() - t0 < 60
     assert not (runs / "quickstart").exists()
     from mlflow.tracking import MlflowClient
@@ -107,14 +108,14 @@ def test_a_failed_pretraining_task_stops_the_search_and_removes_the_new_study(tm
 
 def test_fresh_keeps_the_dense_model_and_the_driver_finds_it_in_the_cache(tmp_path, capsys):
     runs = tmp_path / "runs"
-    runner.run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
-                     run_trial=fake_run_trial)
+    run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+              run_trial=fake_run_trial)
     cached = list((runs / "quickstart" / "pretrained").glob("*.pt"))
     assert len(cached) == 1
     capsys.readouterr()
     # pretrain=None: the pipeline's own, which would train for real; the driver finds the checkpoint instead
-    again = runner.run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False, fresh=True,
-                             run_trial=fake_run_trial)
+    again = run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False, fresh=True,
+                      run_trial=fake_run_trial)
     assert again.status == "complete"
     out = capsys.readouterr().out
     assert f"dense model found in the cache: {cached[0]}" in out and "pretraining the dense model" not in out
@@ -164,16 +165,16 @@ def test_ctrl_c_while_the_dense_model_trains_stops_it_and_resume_pretrains_again
 
     threading.Thread(target=interrupt_once_a_trial_waits, daemon=True).start()
     t0 = time.monotonic()
-    first = runner.run_study(_space(n_trials=2), runs_dir=runs, final_eval=False,
-                             pretrain=functools.partial(sleepy_pretrain, pidfile=str(pidfile)),
-                             run_trial=fake_run_trial)
+    first = run_study(_space(n_trials=2), runs_dir=runs, final_eval=False,
+                      pretrain=functools.partial(sleepy_pretrain, pidfile=str(pidfile)),
+                      run_trial=fake_run_trial)
     assert first.status == "interrupted" and first.complete == 0
     assert time.monotonic() - t0 < 100  # not the 120 s of the pretraining
     child = int(pidfile.read_text())
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     assert not list((runs / "quickstart" / "pretrained").glob("*.pt"))  # nothing half-written in the cache
-    again = runner.resume_study("quickstart", runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
-                                run_trial=fake_run_trial)
+    again = resume_study("quickstart", runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+                         run_trial=fake_run_trial)
     assert again.status == "complete" and again.complete == 2
 
 
@@ -187,14 +188,14 @@ def test_a_resume_with_no_trial_left_pretrains_nothing(tmp_path, capsys):
     """A resume that only ends the study (every Optuna trial finished: the front, the report) used to fork
     the dense model's pretraining before Ray started, whenever the model was not cached, for nothing."""
     runs, mark = tmp_path / "runs", tmp_path / "pretrained-by"
-    first = runner.run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False,
-                             pretrain=functools.partial(marking_pretrain, mark=str(mark)), run_trial=fake_run_trial)
+    first = run_study(_space(n_trials=1, concurrent=1), runs_dir=runs, final_eval=False,
+                      pretrain=functools.partial(marking_pretrain, mark=str(mark)), run_trial=fake_run_trial)
     assert first.status == "complete" and len(mark.read_text().split()) == 1
     for cached in (runs / "quickstart" / "pretrained").glob("*.pt"):
         cached.unlink()  # not in the cache: only the number of trials left says that none is needed
     capsys.readouterr()
-    again = runner.resume_study("quickstart", runs_dir=runs, final_eval=False,
-                                pretrain=functools.partial(marking_pretrain, mark=str(mark)), run_trial=fake_run_trial)
+    again = resume_study("quickstart", runs_dir=runs, final_eval=False,
+                         pretrain=functools.partial(marking_pretrain, mark=str(mark)), run_trial=fake_run_trial)
     assert again.status == "complete" and again.complete == 1
     assert "pretraining the dense model" not in capsys.readouterr().out
     assert len(mark.read_text().split()) == 1  # the first run's pretraining only
@@ -209,8 +210,8 @@ a = torch.rand(600, 600)
 (a @ a).sum()  # the driver has run torch with 2 threads: its OpenMP pool is up
 from conftest import TINY_TRIAL
 from study.trial.config import trial_from_dict
-from study.search import dense
-from study.search.trainable import pretrain_task
+from study.search.running import dense
+from study.search.running.trainable import pretrain_task
 cfg = trial_from_dict({{**TINY_TRIAL, "pretrain": {{"epochs": 1, "lr": 0.05}}, "cache_dir": {cache!r}}})
 p = dense.Pretraining(cfg, 2, 0.0, None, pretrain_task, local=True)  # 2 threads, as cpus_per_trial: 2
 print("ENDED" if p.poll(timeout=150) else "HUNG", p.path, p.error, flush=True)

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from conftest import QUICKSTART, fake_pretrain, fake_run_trial
-from study.search import runner
-from study.search.space import load_space
+from study.search.optimize.space import load_space
+from study.search.study import run_study
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,9 @@ def test_trials_share_one_gpu_by_their_fraction(tmp_path, share, at_once):
     log = tmp_path / "trials.jsonl"
     space = load_space(QUICKSTART, {"study.n_trials": 4, "study.max_concurrent": 4, "study.cpus_per_trial": 1,
                                     "study.gpus_per_trial": share, "trial.device": "cpu"})  # the GPU is Ray's only
-    outcome = runner.run_study(space, runs_dir=tmp_path / "runs", final_eval=False, pretrain=fake_pretrain,
-                               run_trial=functools.partial(gpu_trial, log=str(log), started=str(tmp_path / "started"),
-                                                           at_once=at_once))
+    outcome = run_study(space, runs_dir=tmp_path / "runs", final_eval=False, pretrain=fake_pretrain,
+                        run_trial=functools.partial(gpu_trial, log=str(log), started=str(tmp_path / "started"),
+                                                    at_once=at_once))
     assert outcome.status == "complete" and outcome.complete == 4
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 4
@@ -82,8 +82,8 @@ def test_a_trial_given_a_gpu_it_cannot_use_fails_in_one_line(tmp_path):
 
     space = load_space(QUICKSTART, {"study.n_trials": 2, "study.max_concurrent": 2, "study.cpus_per_trial": 1,
                                     "study.gpus_per_trial": 0.5})
-    outcome = runner.run_study(space, runs_dir=tmp_path / "runs", final_eval=False, pretrain=fake_pretrain,
-                               run_trial=fake_run_trial)
+    outcome = run_study(space, runs_dir=tmp_path / "runs", final_eval=False, pretrain=fake_pretrain,
+                        run_trial=fake_run_trial)
     assert outcome.complete == 0
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path / 'runs' / 'quickstart' / 'optuna.db'}")
     reasons = [t.user_attrs.get("fail_reason", "") for t in study.trials]

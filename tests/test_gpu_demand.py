@@ -19,9 +19,9 @@ import ray.autoscaler.sdk
 from conftest import QUICKSTART, ROOT
 
 from study.errors import ConfigError, UserError
-from study.search import preflight, startup
-from study.search.ray_cluster import NO_GPU_NOTICE
-from study.search.space import load_space
+from study.search.optimize.space import load_space
+from study.search.running import preflight, startup
+from study.search.running.ray_cluster import NO_GPU_NOTICE
 
 
 class FakeCluster:

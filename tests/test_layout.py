@@ -100,9 +100,9 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_import_graph_sees_the_known_edges():
     graph = _graph(top_level=True)
     assert "study.trial.config" in graph["study.trial.data"] or "study.errors" in graph["study.trial.config"]
-    assert "study.search.space" in graph["study.search.runner"]
-    assert "study.trial.pipeline" not in graph["study.search.trainable"]  # imported inside a function only
-    assert "study.trial.pipeline" in _graph(top_level=False)["study.search.trainable"]
+    assert "study.search.optimize.space" in graph["study.search.study"]
+    assert "study.trial.pipeline" not in graph["study.search.running.trainable"]  # imported inside a function only
+    assert "study.trial.pipeline" in _graph(top_level=False)["study.search.running.trainable"]
 
 
 @pytest.mark.parametrize("top_level", [True, False], ids=["module-level imports", "all imports"])
@@ -155,8 +155,8 @@ def test_an_unknown_trial_choice_names_every_registered_name(key, registry):
 
 
 def test_an_unknown_sampler_names_every_registered_sampler():
-    from study.search.samplers import SAMPLERS
-    from study.search.space import parse_space
+    from study.search.optimize.samplers import SAMPLERS
+    from study.search.optimize.space import parse_space
 
     data = {"study": {"name": "t", "sampler": "nsga"}, "trial": {}, "search": {"prune.keep_fraction": {"float": [0.1, 0.5]}}}
     with pytest.raises(ConfigError) as e:
@@ -171,7 +171,7 @@ def test_an_unknown_sampler_names_every_registered_sampler():
 def test_an_unknown_threat_names_every_threat_of_the_enum():
     from study.robustness.command import parse_threats
     from study.robustness.threats import THREATS, Threat
-    from study.search.robust_settings import parse_robustness
+    from study.search.front.robust_settings import parse_robustness
 
     assert THREATS == tuple(t.value for t in Threat)
     with pytest.raises(ConfigError) as e:

@@ -46,7 +46,7 @@ def _extract_relocated(root: Path) -> Path:
 
 @pytest.mark.usefixtures("local_ray")
 def test_a_study_of_the_previous_layout_resumes_to_exactly_n_trials(legacy_root):
-    from study.search.runner import resume_study
+    from study.search.study import resume_study
 
     runs = _extract_relocated(legacy_root)
     manifest = json.loads((runs / "legacy" / "study.json").read_text())

@@ -1,4 +1,4 @@
-"""The study lock (study.search.lock) under races: drivers that start together on a stale lock never hold
+"""The study lock (study.search.folder.lock) under races: drivers that start together on a stale lock never hold
 it together, and a lock that is being written is never taken for stale.
 
 The race: a lock left by a dead driver; 4 processes released by one barrier all call acquire(); whoever gets
@@ -36,7 +36,7 @@ def _stale_record(pid: int) -> str:
 
 def _racer(root: str, races: int, start: mp.Barrier, done: mp.Barrier, out: mp.Queue) -> None:
     from study.errors import UserError
-    from study.search.lock import StudyLock
+    from study.search.folder.lock import StudyLock
 
     witness = Path(root) / "holder"
     held = overlaps = 0
@@ -108,8 +108,8 @@ def test_a_half_written_lock_is_held_not_stale(tmp_path, monkeypatch):
     """A lock another driver is still writing (empty, or JSON cut short) is waited for, then refused in one
     line; it is never taken over. Once complete and stale, it is taken over."""
     from study.errors import UserError
-    from study.search import lock as lock_mod
-    from study.search.lock import StudyLock
+    from study.search.folder import lock as lock_mod
+    from study.search.folder.lock import StudyLock
 
     monkeypatch.setattr(lock_mod, "BEING_WRITTEN_WAIT_S", 0.3, raising=False)
     root = tmp_path / "study"
@@ -136,7 +136,7 @@ def test_a_lock_being_written_is_taken_once_complete(tmp_path, monkeypatch):
     import threading
 
     from study.errors import UserError
-    from study.search.lock import StudyLock
+    from study.search.folder.lock import StudyLock
 
     root = tmp_path / "study"
     root.mkdir()
@@ -153,8 +153,8 @@ def test_a_process_stuck_inside_the_guard_is_refused_after_a_while(tmp_path, mon
     import fcntl
 
     from study.errors import UserError
-    from study.search import lock as lock_mod
-    from study.search.lock import GUARD_FILE, StudyLock
+    from study.search.folder import lock as lock_mod
+    from study.search.folder.lock import GUARD_FILE, StudyLock
 
     monkeypatch.setattr(lock_mod, "GUARD_WAIT_S", 0.3)
     root = tmp_path / "study"

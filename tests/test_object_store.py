@@ -1,7 +1,7 @@
 """A study whose runs folder is an object store (`--runs-dir s3://...`), against a real S3-compatible server
 on 127.0.0.1: moto's server mode (what Ray's own storage tests use), one process for the whole module.
 
-- study.search.store against the server: round trips, trees, deletes, the atomic local download.
+- study.search.folder.store against the server: round trips, trees, deletes, the atomic local download.
 - The checks before Ray starts: a bad URI, an unknown scheme, a missing bucket and missing credentials each
   give one line and exit status 2; an Optuna journal on an object store is refused.
 - A model's bytes once per bucket: a finished trial's MLflow run references the study folder's model.pt
@@ -84,7 +84,7 @@ def _env(endpoint: str, **extra: str) -> dict[str, str]:
 
 
 def _list(prefix: str) -> dict[str, int]:
-    from study.search.store import Store
+    from study.search.folder.store import Store
 
     return Store(f"s3://{BUCKET}/{prefix}").list_files()
 
@@ -93,7 +93,7 @@ def _list(prefix: str) -> dict[str, int]:
 
 
 def test_store_round_trips_files_and_trees(aws, tmp_path):
-    from study.search.store import Store
+    from study.search.folder.store import Store
 
     store = Store(f"s3://{BUCKET}/unit/a")
     assert not store.exists() and store.list_files() == {}
@@ -130,7 +130,7 @@ def test_store_round_trips_files_and_trees(aws, tmp_path):
 def test_store_pickles_without_its_client(aws):
     import pickle
 
-    from study.search.store import Store
+    from study.search.folder.store import Store
 
     store = Store(f"s3://{BUCKET}/unit/pickled")
     store.write_text("f.txt", "hi")
@@ -142,8 +142,8 @@ def test_store_pickles_without_its_client(aws):
 
 def test_lock_of_an_object_store_study_lives_in_the_bucket(aws, tmp_path):
     from study.errors import UserError
-    from study.search.lock import LOCK_FILE, StudyLock
-    from study.search.store import Store
+    from study.search.folder.lock import LOCK_FILE, StudyLock
+    from study.search.folder.store import Store
 
     store = Store(f"s3://{BUCKET}/unit/locked")
     with StudyLock(tmp_path / "mirror", store).acquire("study run x.yaml"):
@@ -164,9 +164,9 @@ def test_lock_in_a_bucket_is_a_conditional_write(aws, tmp_path):
     is replaced only if nobody replaced it since it was read (IfMatch on its ETag). Here another driver
     takes the stale lock between our read and our write: our write fails, and we are refused."""
     from study.errors import UserError
-    from study.search import lock_s3
-    from study.search.lock import LOCK_FILE, StudyLock
-    from study.search.store import Store
+    from study.search.folder import lock_s3
+    from study.search.folder.lock import LOCK_FILE, StudyLock
+    from study.search.folder.store import Store
 
     store = Store(f"s3://{BUCKET}/unit/cas")
     dead = json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "start": "", "since": 0, "command": "x"})
@@ -241,8 +241,8 @@ def test_optuna_journal_on_an_object_store_is_refused(s3, tmp_path):
 
 def test_missing_study_in_a_bucket_names_the_studies_there(aws, tmp_path, monkeypatch):
     from study.errors import ConfigError
-    from study.search.runner import report_study
-    from study.search.store import Store
+    from study.search.folder.store import Store
+    from study.search.study import report_study
 
     monkeypatch.setenv("STUDY_CACHE_DIR", str(tmp_path / "cache"))
     Store(f"s3://{BUCKET}/listing").write_text("present/study.json", "{}")
@@ -269,7 +269,7 @@ def test_missing_study_in_a_bucket_names_the_studies_there(aws, tmp_path, monkey
 ])
 def test_model_by_reference_only_where_the_run_shares_the_study_folders_s3_bucket(artifact_uri, study_folder,
                                                                                     expected):
-    from study.search.tracking import model_by_reference
+    from study.search.recording.tracking import model_by_reference
 
     assert model_by_reference(artifact_uri, study_folder) is expected
 
@@ -285,7 +285,7 @@ def _make_bucket(endpoint: str, name: str) -> None:
 
 def _objects_holding(bucket: str, data: bytes) -> list[str]:
     """The keys of every object in `bucket` whose bytes are `data`."""
-    from study.search.store import Store
+    from study.search.folder.store import Store
 
     store = Store(f"s3://{bucket}")
     return [k for k, size in store.list_files().items() if size == len(data) and store.read_bytes(k) == data]
@@ -305,9 +305,9 @@ def test_finished_trial_run_references_its_model_in_the_study_bucket_else_stores
     from study.errors import UserError
     from study.keys import MODEL_REF_FILE, MODEL_URI_TAG, NUMBER_KEY, study_run_key
     from study.robustness import targets
-    from study.search.layout import study_paths
-    from study.search.store import Store
-    from study.search.tracking import MlflowTrialCallback, Tracker
+    from study.search.folder.layout import study_paths
+    from study.search.folder.store import Store
+    from study.search.recording.tracking import MlflowTrialCallback, Tracker
     from study.trial.config import TrialConfig
 
     monkeypatch.setenv("STUDY_CACHE_DIR", str(tmp_path / "cache"))
@@ -534,6 +534,6 @@ def test_object_store_study_on_two_nodes_survives_a_killed_driver_and_a_new_clus
 
 
 def _store(runs: str, name: str):
-    from study.search.store import Store
+    from study.search.folder.store import Store
 
     return Store(f"{runs}/{name}")

@@ -1,4 +1,4 @@
-"""Checks before anything starts (study.search.preflight, study.trial.strict_yaml): each mistake is one line on
+"""Checks before anything starts (study.search.running.preflight, study.trial.strict_yaml): each mistake is one line on
 stderr, exit status 2, no traceback, nothing created (no runs folder contents, no mlflow.db) and Ray never
 started (ray.init is replaced by a function that fails the test)."""
 from __future__ import annotations
@@ -217,7 +217,7 @@ def test_non_utf8_or_binary_space_file_is_refused(tmp_path, capsys, no_ray, cont
 
 
 def test_a_utf8_space_file_with_a_bom_and_accents_loads(tmp_path):
-    from study.search.space import load_space
+    from study.search.optimize.space import load_space
 
     space = tmp_path / "space.yaml"
     space.write_bytes(b"\xef\xbb\xbf" + QUICKSTART.read_text().replace("study:", "# café\nstudy:", 1).encode())

@@ -1,4 +1,4 @@
-"""A one-machine study's Ray listens on the loopback address only (study.search.ray_cluster): every TCP socket
+"""A one-machine study's Ray listens on the loopback address only (study.search.running.ray_cluster): every TCP socket
 that the driver and the Ray processes it started (GCS, raylet, agents, workers) listen on is bound to
 127.0.0.1 or ::1, read from /proc/net/tcp{,6} by socket inode of each process of the driver's tree."""
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _env() -> dict[str, str]:
 
 LOCAL_RAY = textwrap.dedent("""
     import os, sys
-    from study.search.ray_cluster import start_ray
+    from study.search.running.ray_cluster import start_ray
     start_ray(None, 1)
     import ray
 

@@ -25,8 +25,8 @@ from analysis.recommend import Point
 from analysis.report import recommend as recommend_models
 from analysis.report import summary, write_report
 from analysis.report_data import ReportError, axes_of, collect
-from study.search.space import load_space
-from study.search.tracking import STAGE_CODES, epoch_record
+from study.search.optimize.space import load_space
+from study.search.recording.tracking import STAGE_CODES, epoch_record
 
 OBJECTIVES = {"study.objectives": [{"metric": "params_kept", "mode": "min"}, {"metric": "val_robust_acc", "mode": "max"}]}
 TOTAL = 10_000.0
@@ -253,9 +253,9 @@ def test_lwm_baseline_from_the_study_or_from_baselines_json(tmp_path):
 
 
 def _computed_baselines(root, study, space, front_budget, baseline_budget):
-    """Front trials confirmed with `front_budget` (confirm.json as study.search.front writes it) and baselines.json
+    """Front trials confirmed with `front_budget` (confirm.json as study.search.front.evaluate writes it) and baselines.json
     as study.baselines writes it, confirmed with `baseline_budget`."""
-    from study.search.robust_settings import ConfirmSettings
+    from study.search.front.robust_settings import ConfirmSettings
 
     def attack(b):
         return ConfirmSettings(**b).attack_text(0.1, b["points"])
@@ -456,7 +456,7 @@ def test_epoch_records_carry_the_global_step_and_the_stage():
 
 
 def test_optuna_study_carries_the_objective_names(tmp_path):
-    from study.search import optuna_search
+    from study.search.optimize import optuna_search
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna_search.load_optuna_study(url, "names", _space())
@@ -515,7 +515,9 @@ def test_quickstart_study_leaves_the_report_and_its_mlflow_artifacts(tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from study.search import layout, optuna_search, runner
+    from study.search.folder import layout
+    from study.search.optimize import optuna_search
+    from study.search.study import Study, run_study
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     started = not ray.is_initialized()
@@ -524,7 +526,7 @@ def test_quickstart_study_leaves_the_report_and_its_mlflow_artifacts(tmp_path):
     try:
         space = _space(**{"study.n_trials": 6, "study.max_concurrent": 2})
         runs = tmp_path / "runs"
-        outcome = runner.run_study(space, runs_dir=runs, run_trial=fake_run_trial, pretrain=fake_pretrain, final_eval=False)
+        outcome = run_study(space, runs_dir=runs, run_trial=fake_run_trial, pretrain=fake_pretrain, final_eval=False)
     finally:
         if started:
             ray.shutdown()
@@ -533,7 +535,7 @@ def test_quickstart_study_leaves_the_report_and_its_mlflow_artifacts(tmp_path):
     manifest = layout.Manifest.load(paths.manifest)
     study = optuna_search.load_optuna_study(manifest.storage, "quickstart")  # read-only, as `study report` opens it
     assert study.metric_names == ["params_kept", "val_robust_acc"]
-    tracker = runner.Study(space, paths, manifest).tracker()
+    tracker = Study(space, paths, manifest).tracker()
     index = write_report(paths.root, study, space, manifest, tracker, within_points=5.0)
 
     report = paths.root / "report"

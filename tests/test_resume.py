@@ -23,8 +23,8 @@ from conftest import QUICKSTART, ROOT, fake_pretrain, fake_run_trial, logging_tr
 from optuna.trial import TrialState
 
 from study import cli
-from study.search import runner
-from study.search.space import load_space
+from study.search.optimize.space import load_space
+from study.search.study import resume_study, run_study
 
 
 class Planted:
@@ -51,7 +51,7 @@ def test_resume_unpickles_nothing_from_the_study_folder(tmp_path):
     runs, marker = tmp_path / "runs", tmp_path / "code-ran"
     interrupted = tmp_path / "interrupted"
     trial = functools.partial(fake_run_trial, interrupt=(1, os.getpid(), str(interrupted)))
-    first = runner.run_study(_space(), runs_dir=runs, final_eval=False, pretrain=fake_pretrain, run_trial=trial)
+    first = run_study(_space(), runs_dir=runs, final_eval=False, pretrain=fake_pretrain, run_trial=trial)
     assert first.status == "interrupted"
     folder = runs / "quickstart"
     experiment = folder / "tune" / "quickstart"
@@ -68,8 +68,8 @@ def test_resume_unpickles_nothing_from_the_study_folder(tmp_path):
     torch.save({"step": 1, "model": Planted(str(marker))}, folder / "trials" / "0001" / "checkpoint.pt")
 
     log = tmp_path / "starts.txt"
-    again = runner.resume_study("quickstart", runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
-                                run_trial=functools.partial(logging_trial, log=str(log), inner=trial))
+    again = resume_study("quickstart", runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+                         run_trial=functools.partial(logging_trial, log=str(log), inner=trial))
     assert not marker.exists(), "resuming ran code planted in the study folder"
     assert again.status == "complete" and again.complete == 3
     assert "quickstart-0001 0" in log.read_text().splitlines()  # its checkpoint refused: trial 1 started over

@@ -12,9 +12,9 @@ from conftest import QUICKSTART, FakeResult, fake_pretrain, mlflow_trial_runs
 from ray.tune.schedulers import TrialScheduler
 
 from study.errors import ConfigError
-from study.search.rung_scheduler import RungScheduler
-from study.search.rungs import RungRule, parse_rungs
-from study.search.space import load_space
+from study.search.optimize.rung_scheduler import RungScheduler
+from study.search.optimize.rungs import RungRule, parse_rungs
+from study.search.optimize.space import load_space
 
 
 def reference_count(point, others, modes):
@@ -113,14 +113,14 @@ def test_dominated_trials_end_pruned_everywhere(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from study.search import runner
+    from study.search.study import run_study
 
     sys.modules["ray"].cloudpickle.register_pickle_by_value(sys.modules[__name__])
     space = load_space(QUICKSTART, {"study.n_trials": 3, "study.max_concurrent": 1,
                                     "study.early_stop": {"rungs": [2], "min_dominating": 1}})
     runs = tmp_path / "runs"
-    outcome = runner.run_study(space, runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
-                               run_trial=functools.partial(rung_trial))
+    outcome = run_study(space, runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+                        run_trial=functools.partial(rung_trial))
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{runs / 'quickstart' / 'optuna.db'}")
     states = [t.state for t in sorted(study.trials, key=lambda t: t.number)]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]

@@ -17,8 +17,10 @@ from optuna.trial import TrialState
 
 from conftest import QUICKSTART, fake_pretrain, fake_run_trial
 
-from study.search import layout, runner
-from study.search.space import load_space
+from study.search.folder import layout
+from study.search.optimize.space import load_space
+from study.search.study import report_study, resume_study, run_study
+import study.search.study as study_module
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -71,13 +73,13 @@ def test_a_copied_study_resumes_and_reports_without_touching_the_original(tmp_pa
     original, copy = tmp_path / "orig" / "runs", tmp_path / "copy" / "runs"
     marker = tmp_path / "interrupted"
     trial = functools.partial(fake_run_trial, interrupt=(1, os.getpid(), str(marker)))
-    first = runner.run_study(_space(n_trials=3), runs_dir=original, run_trial=trial, pretrain=fake_pretrain)
+    first = run_study(_space(n_trials=3), runs_dir=original, run_trial=trial, pretrain=fake_pretrain)
     assert first.status == "interrupted"
     shutil.copytree(original, copy)
     before = _tree_hashes(original)
 
-    done = runner.resume_study("quickstart", runs_dir=copy, run_trial=trial, pretrain=fake_pretrain)
-    runner.report_study("quickstart", runs_dir=copy)
+    done = resume_study("quickstart", runs_dir=copy, run_trial=trial, pretrain=fake_pretrain)
+    report_study("quickstart", runs_dir=copy)
 
     assert done.status == "complete"
     assert _tree_hashes(original) == before  # not a byte of the original changed
@@ -116,7 +118,7 @@ def _fake_study_folder(runs: Path) -> Path:
 
 
 def test_a_second_driver_is_refused_in_one_line_and_fresh_wipes_nothing(tmp_path, capsys):
-    from study.search.lock import StudyLock
+    from study.search.folder.lock import StudyLock
 
     runs = tmp_path / "runs"
     root = _fake_study_folder(runs)
@@ -139,7 +141,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     import socket
     import subprocess
 
-    from study.search.lock import StudyLock
+    from study.search.folder.lock import StudyLock
 
     root = tmp_path / "s"
     root.mkdir()
@@ -272,16 +274,16 @@ def test_a_result_without_model_or_data_is_refused(tmp_path, capsys):
 @pytest.mark.usefixtures("local_ray")
 def test_read_only_study_is_reported_and_a_corrupt_manifest_is_one_line(tmp_path, capsys, monkeypatch, caplog):
     runs = tmp_path / "runs"
-    runner.run_study(_space(n_trials=2, concurrent=2), runs_dir=runs, run_trial=fake_run_trial, pretrain=fake_pretrain,
-                     final_eval=False)
+    run_study(_space(n_trials=2, concurrent=2), runs_dir=runs, run_trial=fake_run_trial, pretrain=fake_pretrain,
+              final_eval=False)
     capsys.readouterr()
     root = runs / "quickstart"
     before = _tree_hashes(runs)
     modes = {p: p.stat().st_mode for p in [runs, *runs.rglob("*")]}
     for p in modes:
         p.chmod(p.stat().st_mode & ~0o222)
-    real = runner._writable
-    monkeypatch.setattr(runner, "_writable", lambda folder: False if Path(folder) == root else real(folder))  # root ignores modes
+    real = study_module._writable
+    monkeypatch.setattr(study_module, "_writable", lambda folder: False if Path(folder) == root else real(folder))  # root ignores modes
     try:
         from study.cli import main
 
@@ -331,7 +333,7 @@ def test_a_failure_before_the_first_trial_removes_what_it_created(tmp_path):
 
     runs = tmp_path / "runs"
     with pytest.raises(DataError, match="vanished"):  # the task's own error, not Ray's wrapper
-        runner.run_study(_space(n_trials=2), runs_dir=runs, run_trial=fake_run_trial, pretrain=broken_pretrain)
+        run_study(_space(n_trials=2), runs_dir=runs, run_trial=fake_run_trial, pretrain=broken_pretrain)
     assert not (runs / "quickstart").exists()
     from mlflow.tracking import MlflowClient
 
@@ -339,6 +341,6 @@ def test_a_failure_before_the_first_trial_removes_what_it_created(tmp_path):
     exp = client.get_experiment_by_name("quickstart")
     assert not client.search_runs([exp.experiment_id])  # the parent run is gone (deleted), none left RUNNING
     # the same command simply runs again
-    again = runner.run_study(_space(n_trials=2), runs_dir=runs, run_trial=fake_run_trial, pretrain=fake_pretrain,
-                             final_eval=False)
+    again = run_study(_space(n_trials=2), runs_dir=runs, run_trial=fake_run_trial, pretrain=fake_pretrain,
+                      final_eval=False)
     assert again.status == "complete"

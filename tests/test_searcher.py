@@ -1,4 +1,4 @@
-"""StudySearch (study.search.searcher): Tune's searcher on Optuna's public ask/tell, whose only state is the
+"""StudySearch (study.search.optimize.searcher): Tune's searcher on Optuna's public ask/tell, whose only state is the
 Optuna storage. A resumed study is a new searcher on the same storage: RUNNING trials (their driver died)
 are handed out first under their own numbers and parameters, finished ones are never asked or told again.
 
@@ -14,9 +14,9 @@ from conftest import QUICKSTART
 from optuna.trial import TrialState
 
 from study.keys import FAIL_KEY, NUMBER_KEY
-from study.search.optuna_search import load_optuna_study, open_storage
-from study.search.searcher import DIED, STOPPED, StudySearch
-from study.search.space import load_space
+from study.search.optimize.optuna_search import load_optuna_study, open_storage
+from study.search.optimize.searcher import DIED, STOPPED, StudySearch
+from study.search.optimize.space import load_space
 
 N_TRIALS = 3
 

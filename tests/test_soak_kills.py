@@ -81,13 +81,13 @@ def drive(argv: list[str]) -> None:
     import ray
 
     from study import cli
-    from study.search import runner
+    import study.search.study as study_module
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(conftest)
     for name in ("run_study", "resume_study"):
-        setattr(runner, name, functools.partial(getattr(runner, name), run_trial=epoch_trial,
-                                                pretrain=conftest.fake_pretrain))
+        setattr(study_module, name, functools.partial(getattr(study_module, name), run_trial=epoch_trial,
+                                                      pretrain=conftest.fake_pretrain))
     sys.exit(cli.main(argv))
 
 

@@ -11,9 +11,9 @@ import yaml
 from conftest import ROOT
 
 from study.trial.config import ConfigError
-from study.search.robust_settings import CONFIRM_DEFAULT, ConfirmSettings, is_suite_name
-from study.search.objectives import OBJECTIVE_METRICS
-from study.search.space import load_space, parse_space
+from study.search.front.robust_settings import CONFIRM_DEFAULT, ConfirmSettings, is_suite_name
+from study.search.optimize.objectives import OBJECTIVE_METRICS
+from study.search.optimize.space import load_space, parse_space
 
 
 
@@ -113,7 +113,7 @@ def test_every_search_space_file_loads_and_samples(path):
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp", "random"])
 def test_every_sampler_runs_the_conditional_space(sampler):
-    from study.search.samplers import make_sampler
+    from study.search.optimize.samplers import make_sampler
 
     space = load_space(ROOT / "search_spaces" / "quickstart.yaml",
                        {"study.sampler": sampler, "study.sampler_options": None})
@@ -125,7 +125,7 @@ def test_every_sampler_runs_the_conditional_space(sampler):
         keep = values["prune.keep_fraction"]
         study.tell(trial, [keep * 1000, 0.5 + 0.4 * keep ** 0.5 - 0.01 * values["attack.steps"]])
     assert len(study.best_trials) >= 1
-    # a resumed study's sampler (another seed: study.search.searcher) goes on sampling the same study
+    # a resumed study's sampler (another seed: study.search.optimize.searcher) goes on sampling the same study
     again = optuna.load_study(study_name=study.study_name, storage=storage,
                               sampler=make_sampler(space, seed_offset=len(study.trials)))
     for _ in range(4):

@@ -1,4 +1,4 @@
-"""The study runner end to end: Ray Tune + Optuna + MLflow on a local Ray, in temporary folders.
+"""The study end to end: Ray Tune + Optuna + MLflow on a local Ray, in temporary folders.
 
 Most tests use a FAKE trial (a few epochs of made-up metrics, instant) to check the search wiring:
 Optuna states, MLflow runs, the Pareto CSV, failures, interruption and resume. A fake trial that trains a
@@ -21,8 +21,9 @@ from optuna.trial import TrialState
 from conftest import QUICKSTART, fake_pretrain, fake_run_trial, logging_trial
 
 from analysis import pareto
-from study.search import optuna_search, runner
-from study.search.space import load_space
+from study.search.optimize import optuna_search
+from study.search.optimize.space import load_space
+from study.search.study import report_study, resume_study, run_study
 from study.trial.sparse_file import load_state
 
 # Ray workers cannot import this test module: ship its functions by value (conftest's are shipped too).
@@ -38,7 +39,7 @@ def _space(n_trials=3, concurrent=2, **more):
 def _run(tmp_path, space, **kw):
     kw.setdefault("run_trial", fake_run_trial)
     kw.setdefault("pretrain", fake_pretrain)
-    return runner.run_study(space, runs_dir=tmp_path / "runs", **kw)
+    return run_study(space, runs_dir=tmp_path / "runs", **kw)
 
 
 def _optuna(tmp_path, name="quickstart"):
@@ -100,11 +101,11 @@ def test_study_records_every_trial_in_optuna_and_mlflow(tmp_path, capsys):
     assert "Pareto front of study 'quickstart'" in out and "mlflow_run_id" in out
     assert "optuna-dashboard sqlite:///" in out and "tune ls /" in out
     # study report reprints the front from the Optuna storage
-    runner.report_study("quickstart", runs_dir=tmp_path / "runs")
+    report_study("quickstart", runs_dir=tmp_path / "runs")
     assert "Pareto front of study 'quickstart'" in capsys.readouterr().out
     # resuming a finished study changes nothing
-    again = runner.resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=fake_run_trial,
-                                pretrain=fake_pretrain)
+    again = resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=fake_run_trial,
+                         pretrain=fake_pretrain)
     assert again.status == "complete"
     _check_consistent(tmp_path, 3)
 
@@ -134,10 +135,10 @@ def test_interrupted_study_resumes_to_exactly_n_trials(tmp_path):
     orphan = study.ask()
     _space().suggest(orphan)
     with pytest.raises(Exception):
-        runner.run_study(_space(n_trials=5, concurrent=1, **every_epoch), runs_dir=tmp_path / "runs")  # exists
+        run_study(_space(n_trials=5, concurrent=1, **every_epoch), runs_dir=tmp_path / "runs")  # exists
     log = tmp_path / "starts.txt"
-    second = runner.resume_study("quickstart", runs_dir=tmp_path / "runs", pretrain=fake_pretrain,
-                                 run_trial=functools.partial(logging_trial, log=str(log), inner=trial))
+    second = resume_study("quickstart", runs_dir=tmp_path / "runs", pretrain=fake_pretrain,
+                          run_trial=functools.partial(logging_trial, log=str(log), inner=trial))
     assert "quickstart-0002 1" in log.read_text().splitlines()  # continued from its epoch-1 checkpoint
     assert second.status == "complete"
     study = _check_consistent(tmp_path, 5)
@@ -197,8 +198,9 @@ def trained_model_trial(cfg, *, on_epoch=None, resume_state=None):
 def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
     import torch
 
-    from study.search import front_files, layout
-    from study.search.robust_settings import ConfirmSettings
+    from study.search.folder import layout
+    from study.search.front import front_files
+    from study.search.front.robust_settings import ConfirmSettings
     from study.trial.config import DataConfig
     from study.trial.data import load_dataset
     from study.trial.models import create_model
@@ -252,7 +254,7 @@ def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
     assert not any(k.startswith("test") for t in study.trials for k in t.user_attrs)  # Optuna never sees them
     assert "test_robust_acc" in out and attack in out and "selected on the validation split" in out
     # a resume or a report reuses the saved confirmation
-    runner.resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=trained_model_trial, pretrain=fake_pretrain)
+    resume_study("quickstart", runs_dir=tmp_path / "runs", run_trial=trained_model_trial, pretrain=fake_pretrain)
     out = capsys.readouterr().out
     assert "test-split evaluation of" not in out and attack in out
     assert pareto.read_csv(outcome.pareto_csv) == rows
@@ -266,7 +268,7 @@ def test_quickstart_on_digits_with_the_real_pipeline(tmp_path):
                                     "trial.prune_stage.epochs": 1, "trial.finetune.epochs": 1,
                                     "trial.eval.points": 100, "trial.eval.val_points": 100,
                                     "study.confirm": {"points": 64, "steps": 10, "restarts": 1, "autoattack": False}})
-    outcome = runner.run_study(space, runs_dir=tmp_path / "runs")
+    outcome = run_study(space, runs_dir=tmp_path / "runs")
     assert outcome.status == "complete" and outcome.complete + outcome.failed == 3
     study = _optuna(tmp_path)
     assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.FAIL}
@@ -336,8 +338,8 @@ def test_the_sampler_never_sees_the_test_split(tmp_path):
     seen, logs = [], []
     for perturb in (False, True):
         runs, log = tmp_path / f"runs_{int(perturb)}", tmp_path / f"test_split_{int(perturb)}.txt"
-        outcome = runner.run_study(load_space(QUICKSTART, overrides), runs_dir=runs, final_eval=False,
-                                   run_trial=functools.partial(split_perturbing_trial, perturb=perturb, log=str(log)))
+        outcome = run_study(load_space(QUICKSTART, overrides), runs_dir=runs, final_eval=False,
+                            run_trial=functools.partial(split_perturbing_trial, perturb=perturb, log=str(log)))
         assert outcome.status == "complete" and outcome.complete == 4
         study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{runs / 'quickstart' / 'optuna.db'}")
         varying = ("wall_s", "tune_trial_id", "ray_node_id", "mlflow_run_id")

@@ -21,9 +21,11 @@ from optuna.trial import TrialState
 from conftest import QUICKSTART, ROOT, fake_pretrain, mlflow_trial_runs
 
 from analysis import pareto
-from study.search import layout, robust_eval, robust_settings, runner
+from study.search.folder import layout
+from study.search.front import robust_eval, robust_settings
+from study.search.study import report_study, resume_study, run_study
 from study.trial.config import ConfigError
-from study.search.space import load_space, parse_space
+from study.search.optimize.space import load_space, parse_space
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -163,8 +165,8 @@ def _space(final_autoattack: bool = True):
 def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tmp_path, capsys, autoattack):
     runs = tmp_path / "runs"
     space = _space(final_autoattack=autoattack)
-    first = runner.run_study(space, runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain,
-                             final_eval=False)
+    first = run_study(space, runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain,
+                      final_eval=False)
     assert first.status == "complete" and first.complete == 2
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{runs / 'quickstart' / 'optuna.db'}")
     client, mlruns = mlflow_trial_runs(runs)
@@ -179,7 +181,7 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
     capsys.readouterr()
 
     # resuming the finished study runs only the test-split evaluation of the front: suite and confirmation
-    again = runner.resume_study("quickstart", runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain)
+    again = resume_study("quickstart", runs_dir=runs, run_trial=tiny_model_trial, pretrain=fake_pretrain)
     out = capsys.readouterr().out
     assert again.status == "complete" and again.complete == 2
     front = {t.number for t in study.best_trials}
@@ -213,6 +215,6 @@ def test_suite_objective_reaches_optuna_and_the_front_gets_a_final_evaluation(tm
     assert all(f"trial {n}:" in out for n in front)
 
     # `study report` reprints the test columns from the saved evaluations, without evaluating again
-    runner.report_study("quickstart", runs_dir=runs)
+    report_study("quickstart", runs_dir=runs)
     out = capsys.readouterr().out
     assert "test.robust.linf.0.1" in out and "test_robust_acc" in out and "[study] test-split evaluation of" not in out

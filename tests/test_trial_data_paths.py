@@ -12,7 +12,7 @@ from conftest import QUICKSTART  # noqa: F401 - the tests folder on sys.path for
 from test_data import write_cifar
 
 from study.cli import _exit_code
-from study.search.runner import Outcome
+from study.search.study import Outcome
 
 SPACE = {
     "study": {"name": "cifar_paths", "sampler": "random", "n_trials": 2, "max_concurrent": 2, "cpus_per_trial": 1,

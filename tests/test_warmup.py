@@ -1,4 +1,4 @@
-"""What the driver does ahead of time (study.search.warmup, study.search.dense): a one-machine CPU study
+"""What the driver does ahead of time (study.search.running.warmup, study.search.running.dense): a one-machine CPU study
 starts pretraining in a process spawned before Ray starts; MLflow's import and store open in a thread while
 Ray starts, and the Tracker waits for it; the report's imports start once no trial is left to start."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from study.search import warmup
+from study.search.running import warmup
 
 TESTS = Path(__file__).resolve().parent
 
@@ -19,9 +19,9 @@ import json, os, sys, time
 sys.path.insert(0, {tests!r})
 import conftest, ray
 from conftest import QUICKSTART, fake_pretrain, fake_run_trial
-from study.search import runner
+from study.search.study import run_study
 ray.cloudpickle.register_pickle_by_value(conftest)  # the trial workers do not see the tests folder
-from study.search.space import load_space
+from study.search.optimize.space import load_space
 
 def pretrain(cfg):
     import ray  # a fresh interpreter (spawned, never forked): Ray is not initialized in it
@@ -30,8 +30,8 @@ def pretrain(cfg):
     return fake_pretrain(cfg)
 
 space = load_space(QUICKSTART, {{"study.n_trials": 1, "study.max_concurrent": 1, "study.gpus_per_trial": 0}})
-out = runner.run_study(space, runs_dir={runs!r}, final_eval=False, num_cpus=2, pretrain=pretrain,
-                       run_trial=fake_run_trial)
+out = run_study(space, runs_dir={runs!r}, final_eval=False, num_cpus=2, pretrain=pretrain,
+                run_trial=fake_run_trial)
 print("DRIVER", os.getpid(), out.status, out.complete)
 """
 
@@ -50,7 +50,7 @@ def test_a_one_machine_cpu_study_pretrains_in_a_process_spawned_before_ray_start
 
 
 def test_the_tracker_waits_for_the_mlflow_warm_up_on_a_new_store(tmp_path, monkeypatch):
-    from study.search.tracking import Tracker
+    from study.search.recording.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     opened = []
@@ -118,7 +118,7 @@ def test_the_mlflow_callback_waits_for_the_parent_run_before_its_first_trial_run
     from types import SimpleNamespace
 
     from study.keys import NUMBER_KEY
-    from study.search.tracking import MlflowTrialCallback, Tracker
+    from study.search.recording.tracking import MlflowTrialCallback, Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", artifact_root=str(tmp_path / "art"))
     opened = []

@@ -252,7 +252,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def trial_metrics(trial: Any) -> dict[str, float]:
-    """A finished Optuna trial's final metrics (the runner stores them as user attributes)."""
+    """A finished Optuna trial's final metrics (the study stores them as user attributes)."""
     return {k: float(v) for k, v in trial.user_attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -269,8 +269,8 @@ def confirm_saved_model(config: str | Path, overrides: Mapping[str, Any], model_
 
     torch.set_num_threads(max(1, threads))
 
-    from study.search import robust_eval
-    from study.search.robust_settings import ConfirmSettings
+    from study.search.front import robust_eval
+    from study.search.front.robust_settings import ConfirmSettings
     from study.trial.config import load_trial
 
     cfg = load_trial(config, dict(overrides))

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from study.search import robust_eval
-    from study.search.robust_settings import ConfirmSettings
+    from study.search.front import robust_eval
+    from study.search.front.robust_settings import ConfirmSettings
     from study.trial.config import load_trial
     from study.trial.pipeline import run_trial
 

@@ -52,8 +52,8 @@ def resolve(text: str, tracking_uri: str, scratch: Path) -> Target:
 
 def _from_store(text: str, scratch: Path) -> Target:
     """A trial folder (or its model.pt) in an object store (s3://..., gs://...), copied into `scratch`."""
-    from study.search import preflight
-    from study.search.store import Store
+    from study.search.folder.store import Store
+    from study.search.running import preflight
 
     preflight.check_runs_dir(text, write=False)
     uri = text.rstrip("/")
@@ -204,10 +204,10 @@ def _config_from_json(path: Path) -> Any:
 
 
 def _referenced_model(text: str, ref_file: Path, scratch: Path) -> Path:
-    """The model a run references instead of storing it (study.search.tracking.model_by_reference: the
+    """The model a run references instead of storing it (study.search.recording.tracking.model_by_reference: the
     study folder shares the run's bucket), copied into `scratch` and checked against the reference's sha256."""
-    from study.search import preflight
-    from study.search.store import Store
+    from study.search.folder.store import Store
+    from study.search.running import preflight
 
     try:
         ref = json_io.loads(ref_file.read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from study.search.layout import Manifest, StudyPaths
+from study.search.folder.layout import Manifest, StudyPaths
 
 
 def print_front(name: str, rows: list[dict], keys: list[str], complete: int, failed: int, hv: float, csv: Path | None,

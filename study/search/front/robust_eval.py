@@ -1,7 +1,7 @@
 """The test-split evaluation of the models a study chose, and the suite's search metrics per trial.
 
 Model selection sees validation data only; the TEST split is evaluated once per Pareto-front trial, after
-the search (study.search.front), in up to two parts:
+the search (study.search.front.evaluate), in up to two parts:
 
 - the confirmation (`study.confirm`, always): clean accuracy, strong PGD-Linf (default 50 steps of
   2.5*eps/50, 3 restarts, per-point worst case) and standard AutoAttack at the trial's eval eps;
@@ -12,8 +12,8 @@ the search (study.search.front), in up to two parts:
 
 The suite's search part runs per trial with the cheap `search_budget` on the VALIDATION split; its flat
 metrics (`robust.linf.0.1`, `auc.l2`, `scenario.linf.0.1.r0.5`, ...) join the trial's final metrics, so
-an objective may name one. The settings are study.search.robust_settings; the saved files and the Pareto
-table's test columns are study.search.front_files.
+an objective may name one. The settings are study.search.front.robust_settings; the saved files and the Pareto
+table's test columns are study.search.front.front_files.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from study.search.robust_settings import CONFIRM_DEFAULT, ConfirmSettings, RobustnessSettings
+from study.search.front.robust_settings import CONFIRM_DEFAULT, ConfirmSettings, RobustnessSettings
 
 # Suite metric names that collide with the pipeline's final metrics: the pipeline's figure is kept.
 SHADOWED = ("clean_acc",)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from study.errors import ConfigError, did_you_mean, unknown_key, unknown_value
-from study.search.robust_settings import SUITE_FAMILIES, RobustnessSettings, canonical_metric, is_suite_name
+from study.search.front.robust_settings import SUITE_FAMILIES, RobustnessSettings, canonical_metric, is_suite_name
 
 # Final metrics of a trial (pipeline.TrialResult.metrics) that may serve as objectives: selection-safe
 # ones only, i.e. sizes and validation figures. Test figures exist for chosen models only (study.confirm).

@@ -11,7 +11,7 @@ retry (study.max_failures) thus only ever sees a worker process that died.
 
 Everything a trial reports is a validation or size figure (model selection never sees the test split; a
 run_trial returning test figures is refused). The test split is evaluated after the search, for the
-Pareto-front trials only (study.search.front: confirm.json beside the trial's files).
+Pareto-front trials only (study.search.front.evaluate: confirm.json beside the trial's files).
 
 A trial's files live in `<study_dir>/trials/<optuna number>/` (on an object store, `study_dir` is the
 bucket's URI and the files are written there; model.pt and result.json through a node-local scratch folder):
@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY
-from study.search.layout import TRIAL_CHECKPOINT_FILE as CHECKPOINT_FILE
-from study.search.layout import TRIAL_FINAL_FILE as FINAL_FILE
-from study.search.layout import trial_dir
-from study.search.store import Store, is_remote, scratch_dir
+from study.search.folder.layout import TRIAL_CHECKPOINT_FILE as CHECKPOINT_FILE
+from study.search.folder.layout import TRIAL_FINAL_FILE as FINAL_FILE
+from study.search.folder.layout import trial_dir
+from study.search.folder.store import Store, is_remote, scratch_dir
 from study.trial.config import trial_from_dict
 
 
@@ -88,7 +88,7 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
                     dense: Any = None, checkpoint_every_s: float = 0.0) -> None:
     """Tune function trainable. `run_trial(cfg, on_epoch=, resume_state=)` defaults to the pipeline's.
     `robustness` (robust_settings.RobustnessSettings): the suite's search-budget metrics join the final ones.
-    `dense`: what to wait for while the dense model is being pretrained (study.search.dense.wait_for).
+    `dense`: what to wait for while the dense model is being pretrained (study.search.running.dense.wait_for).
     `checkpoint_every_s`: an epoch end writes the trial's checkpoint when this many seconds have passed
     since the previous one (or the trial's start); 0 = every epoch."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -106,7 +106,7 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
         return
     if dense is not None:  # the dense model is being pretrained: wait for it (the pipeline imported meanwhile)
         import study.trial.pipeline  # noqa: F401
-        from study.search.dense import wait_for
+        from study.search.running.dense import wait_for
 
         wait_for(dense)  # a failed pretraining raises here: the study stops (dense.guard), no trial is recorded
 
@@ -125,7 +125,7 @@ def study_trainable(config: dict, *, base: dict, fixed: dict, objectives: Sequen
         last_step = report.step
         record = {**report.metrics, "stage": report.stage, "epoch": report.epoch, "step": report.step}
         missing = [k for k in objectives if k not in record]
-        if missing:  # size objectives, counted now: a rung (study.search.rung_scheduler) judges every objective
+        if missing:  # size objectives, counted now: a rung (study.search.optimize.rung_scheduler) judges every objective
             size = getattr(report, "size", lambda: {})()
             record.update({k: float(size[k]) for k in missing if k in size})
         reports.append(record)
@@ -283,7 +283,7 @@ def local_cache(cfg: Any) -> Any:
 def search_robustness(cfg: Any, result: Any, metrics: Mapping[str, float], settings: Any) -> dict[str, float]:
     """The robustness suite on the trial's model (rebuilt from its exported state, eval mode) with the
     cheap search budget on the VALIDATION split; its flat metrics, unprefixed, so objectives match."""
-    from study.search import robust_eval
+    from study.search.front import robust_eval
 
     state = getattr(result, "model_state", None)
     if state is None:

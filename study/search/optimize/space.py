@@ -10,8 +10,8 @@ A search-space file is one runnable study (see search_spaces/*.yaml and the READ
 Everything is checked before anything starts: unknown keys, bad ranges, unknown choices (registry
 names included), searched keys that would change the dense pretrained model (it is trained once per
 study), and conditions that name no searched choice. The `study:` section is built like a trial config
-(study.trial.config.build: field metadata, "did you mean"); the objectives are study.search.objectives.
-Errors are `ConfigError`s naming the file, the dotted key and the valid choices.
+(study.trial.config.build: field metadata, "did you mean"); the objectives are
+study.search.optimize.objectives. Errors are `ConfigError`s naming the file, the dotted key and the valid choices.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from study.errors import ConfigError, did_you_mean, unknown_key
-from study.search.rungs import RungRule, parse_rungs
-from study.search import samplers
-from study.search.objectives import DEFAULT_OBJECTIVES, Objective, check_suite_objectives, parse_objectives
-from study.search.robust_settings import (CONFIRM_DEFAULT, BaselineSettings, ConfirmSettings, RobustnessSettings,
-                                          check_confirm, parse_baselines, parse_confirm)
+from study.search.front.robust_settings import (CONFIRM_DEFAULT, BaselineSettings, ConfirmSettings,
+                                                RobustnessSettings, check_confirm, parse_baselines, parse_confirm)
+from study.search.optimize import samplers
+from study.search.optimize.objectives import DEFAULT_OBJECTIVES, Objective, check_suite_objectives, parse_objectives
+from study.search.optimize.rungs import RungRule, parse_rungs
 from study.trial.config import TrialConfig, build, in_range, merge, read_yaml, trial_from_dict, unflatten
 from study.trial.strict_yaml import refuse_non_finite
 
@@ -70,7 +70,7 @@ def _gpus(value: Any, key: str) -> str | float:
 class StudySettings:
     # names the folder runs/<name>, the Optuna study and the MLflow experiment
     name: str = field(default="study", metadata={"parse": _study_name})
-    sampler: str = field(default="tpe", metadata={"choices": "study.search.samplers:SAMPLERS"})
+    sampler: str = field(default="tpe", metadata={"choices": "study.search.optimize.samplers:SAMPLERS"})
     # keyword arguments of the Optuna sampler (checked against its signature)
     sampler_options: dict = field(default_factory=dict, metadata={"parse": _sampler_options})
     n_trials: int = field(default=8, metadata=in_range(1))  # trials in total (COMPLETE + FAIL), across resumes
@@ -95,7 +95,8 @@ class StudySettings:
     # the LWM baseline at the front's sizes, validated and confirmed on test after the front (None = off)
     baselines: BaselineSettings | None = field(default=None, metadata={"parse": parse_baselines})
     # multi-fidelity: stop a trial at a rung (epoch count) when enough completed trials dominate its objectives
-    # at that epoch (study.search.rungs); it is PRUNED, never in the front. None/false = every trial runs in full
+    # at that epoch (study.search.optimize.rungs); it is PRUNED, never in the front. None/false = every trial
+    # runs in full
     early_stop: RungRule | None = field(default=None, metadata={"parse": parse_rungs})
 
     def __post_init__(self) -> None:

@@ -109,12 +109,12 @@ def check_sqlite_file(url: str, what: str, kind: str = "database file") -> None:
 
 def check_runs_dir(runs_dir: Any, write: bool = True) -> None:
     """--runs-dir: a local folder, or an object-store URI whose bucket exists and that these credentials can
-    read (and write, with `write`); study.search.store.check."""
+    read (and write, with `write`); study.search.folder.store.check."""
     text = str(runs_dir)
     if "://" not in text:
         check_local_dir(text, f"--runs-dir {text}", write=write)
         return
-    from study.search import store
+    from study.search.folder import store
 
     store.check(text.rstrip("/"), write=write)
 
@@ -122,7 +122,7 @@ def check_runs_dir(runs_dir: Any, write: bool = True) -> None:
 def check_storage(url: str) -> None:
     """A database URL's driver must import and the database must accept a connection. A journal file on an
     object store is refused: Optuna's journal needs file locks, which object stores lack."""
-    from study.search.store import is_remote
+    from study.search.folder.store import is_remote
 
     journal = url[len("journal:"):] if url.startswith("journal:") else url if "://" not in url or is_remote(url) else ""
     if journal and is_remote(journal):

@@ -2,7 +2,7 @@
 
 A HYDRA front means little without the obvious baseline beside it: magnitude pruning (LWM) at the same sizes.
 With `study.baselines` set, `Study.execute` calls `run_baselines` right after the front's confirmation
-(study.search.front). For each distinct front configuration (`analysis.recommend.baseline_configs`: the front
+(study.search.front.evaluate). For each distinct front configuration (`analysis.recommend.baseline_configs`: the front
 trial's config with prune.method lwm, the same keep fraction, attack and fine-tuning; score_init, train_bn and
 the prune stage drop out, since LWM sets the mask from weight magnitudes without score training) one Ray task
 on a trial's resources:
@@ -23,7 +23,7 @@ a larger front) while its config and confirmation settings are unchanged; a dama
 warning. Each model is saved as baselines/<front trial>/model.pt in the study folder only (the entry's `model`
 names it): baselines.json is logged to the study's MLflow parent run, the models are not, so a bucket holds a
 baseline's bytes once whatever MLflow's artifact location (the rule a trial's model follows where its run
-shares the study's bucket: study.search.tracking.model_by_reference). The report (analysis.report) draws the
+shares the study's bucket: study.search.recording.tracking.model_by_reference). The report (analysis.report) draws the
 entries beside the front.
 """
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from analysis.recommend import LWM, baseline_configs
 from analysis.report_data import BASELINES_FILE
 from study.keys import NUMBER_KEY
-from study.search.layout import trial_dir
+from study.search.folder.layout import trial_dir
 
 if TYPE_CHECKING:
-    from study.search.runner import Study
+    from study.search.study import Study
 
 log = logging.getLogger("study.search")
 
@@ -73,7 +73,7 @@ def needed(st: "Study", optuna_study: Any) -> list[dict[str, Any]]:
 
 
 def baseline_config(st: "Study", entry: Mapping[str, Any]) -> Any:
-    """The TrialConfig of one baseline: the study's trial config (as runner.Study.trial_config builds a front
+    """The TrialConfig of one baseline: the study's trial config (as Study.trial_config builds a front
     trial's) with the entry's overrides, named <study>-lwm-<first front trial>."""
     first = int(entry["for_trials"][0])
     cfg = st.trial_config({**entry["overrides"], NUMBER_KEY: first})
@@ -172,8 +172,8 @@ def baseline_task(cfg: Any, confirm: Any, robustness: Any = None, threads: int =
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    from study.search import robust_eval
-    from study.search.trainable import local_cache, search_robustness
+    from study.search.front import robust_eval
+    from study.search.running.trainable import local_cache, search_robustness
 
     torch.set_num_threads(max(1, int(threads)))
     if run_trial is None:
@@ -191,7 +191,7 @@ def baseline_task(cfg: Any, confirm: Any, robustness: Any = None, threads: int =
 
 
 # ---------------------------------------------------------------------------------------------------
-# The entry point (runner.Study.execute, after the front's confirmation).
+# The entry point (Study.execute, after the front's confirmation).
 
 
 def run_baselines(st: "Study", optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:
@@ -280,6 +280,6 @@ def _run(st: "Study", todo: list, entries: list, confirm: Any, cpus: float, gpus
 
 def _reason(e: Exception) -> str:
     """A failed task's reason: a user mistake inside it as its one line, not Ray's stack."""
-    from study.search.dense import user_error
+    from study.search.running.dense import user_error
 
     return str(user_error(e) or e)

@@ -13,7 +13,7 @@ On an object store the bucket is the study's truth; nothing of it may live only 
 Optuna stays on a database (an RDB URL, or the driver's local sqlite file: `data_dir`); MLflow on its
 tracking URI, with the artifacts of a local store in the bucket (`<runs>/mlartifacts/<study>`), where a
 trial's run references its model.pt in `<study>/trials/` instead of storing it again
-(study.search.tracking.model_by_reference).
+(study.search.recording.tracking.model_by_reference).
 Endpoints and credentials come from the usual environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY or AWS_PROFILE, an instance profile; for gs://, Google's default credentials).
 """

@@ -3,23 +3,23 @@
 
 This module is over 400 lines because the Study class owns the whole run/resume lifecycle, including keeping
 an object-store study's bucket and local mirror in step (the file operations themselves are in
-study.search.layout/store; the MLflow side in study.search.study_mlflow); the next split is the entry points
-(run_study ... wipe_study) into their own module.
+study.search.folder.layout and .store; the MLflow side in study.search.recording.study_mlflow); the next split
+is the entry points (run_study ... wipe_study) into their own module.
 
     study run search_spaces/quickstart.yaml      one search-space file = one study
     study resume quickstart                      continue an interrupted study (Ctrl-C, killed driver)
     study report quickstart                      reprint the Pareto front from the Optuna storage
 
-A study lives in runs/<name>/ (study.search.layout), or in a bucket (--runs-dir s3://..., study.search.store);
-MLflow defaults to runs/mlflow.db (one experiment per study).
+A study lives in runs/<name>/ (study.search.folder.layout), or in a bucket (--runs-dir s3://...,
+study.search.folder.store); MLflow defaults to runs/mlflow.db (one experiment per study).
 
 Trials are selected on validation figures only. After the search, every Pareto-front trial is evaluated
 on the TEST split (`Study.final_evaluation`: study.confirm always, the study.robustness suite's final
-budget where set; study.search.front); `--no-final-eval` skips it.
+budget where set; study.search.front.evaluate); `--no-final-eval` skips it.
 
 A study's state is its Optuna storage and its trial folders, nothing else. `study resume` builds a new
 Tuner exactly as `study run` does (Tune's experiment folder is scratch: it is replaced, never restored, and
-nothing in the study folder is unpickled), and the searcher (study.search.searcher) reads the storage:
+nothing in the study folder is unpickled), and the searcher (study.search.optimize.searcher) reads the storage:
 - COMPLETE, FAIL and PRUNED trials are done;
 - a RUNNING trial (its driver died) is handed to the new Tuner first, under its own Optuna number: the
   trainable continues it from trials/<number>/checkpoint.pt, or reports its final.json when it had
@@ -44,14 +44,17 @@ import yaml
 
 from study.errors import ConfigError, UserError
 from study.keys import NUMBER_KEY
-from study.search import console, front, startup, study_mlflow
-from study.search.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, TRIAL_CHECKPOINT_FILE, Manifest,
-                                 StudyPaths, sqlite_file, study_paths)
-from study.search.optuna_search import (check_resumable, counts, fail_running, finished_count, load_optuna_study,
-                                        open_storage, refuse_existing)
-from study.search.ray_cluster import resolve_gpus
-from study.search.space import SearchSpace, load_space
-from study.search.trainable import build_config, pretrain_task, study_trainable
+from study.search import console
+from study.search.folder.layout import (CONFIRM_FILE, STORAGE_SNAPSHOT, SUITE_FINAL_FILE, TRIAL_CHECKPOINT_FILE,
+                                        Manifest, StudyPaths, sqlite_file, study_paths)
+from study.search.front.evaluate import add_test_columns, evaluate_front
+from study.search.optimize.optuna_search import (check_resumable, counts, fail_running, finished_count,
+                                                 load_optuna_study, open_storage, refuse_existing)
+from study.search.optimize.space import SearchSpace, load_space
+from study.search.recording import study_mlflow
+from study.search.running import startup
+from study.search.running.ray_cluster import resolve_gpus
+from study.search.running.trainable import build_config, pretrain_task, study_trainable
 
 log = logging.getLogger("study.search")
 
@@ -96,7 +99,7 @@ class Study:
     # --- pieces ----------------------------------------------------------------------------------
 
     def tracker(self, relocate: bool = True) -> Any:
-        """The study's MLflow tracker (study.search.study_mlflow); `relocate=False` leaves the artifact
+        """The study's MLflow tracker (study.search.recording.study_mlflow); `relocate=False` leaves the artifact
         relocation to open_parent_run."""
         return study_mlflow.tracker(self, relocate)
 
@@ -111,7 +114,7 @@ class Study:
         return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
     def searcher(self, stop_reasons: Mapping[str, str] | None = None) -> Any:
-        from study.search.searcher import StudySearch
+        from study.search.optimize.searcher import StudySearch
 
         return StudySearch(self.space, self.manifest.storage, stop_reasons=stop_reasons)
 
@@ -123,7 +126,7 @@ class Study:
             return None
         from optuna.trial import TrialState
 
-        from study.search.rung_scheduler import RungScheduler
+        from study.search.optimize.rung_scheduler import RungScheduler
 
         sched = RungScheduler(s.early_stop, s.metrics, s.modes)
         for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -152,8 +155,8 @@ class Study:
         return build_config(self.space.trial, self.fixed, config)
 
     def start_pretraining(self, cpus: float, gpus: float, needed: bool = True) -> Any:
-        """The dense model, once per study (study.search.dense): the one a one-machine CPU study started before
-        Ray (study.search.startup.EarlyStart, in a process spawned by the driver), else from the cache or a Ray
+        """The dense model, once per study (study.search.running.dense): the one a one-machine CPU study started before
+        Ray (study.search.running.startup.EarlyStart, in a process spawned by the driver), else from the cache or a Ray
         task on a trial's resources, while the driver sets up and the trials' workers start; `threads` = the
         trial's CPUs.
 
@@ -161,7 +164,7 @@ class Study:
         spinning threads slow down ten-fold when the cores are shared.)"""
         if self.dense is not None:
             return self.dense
-        from study.search.dense import Pretraining
+        from study.search.running.dense import Pretraining
 
         return Pretraining(self.space.trial_config({}, self.fixed), cpus, gpus, self.pretrain, pretrain_task,
                            needed=needed)
@@ -183,7 +186,7 @@ class Study:
         # sets up; with no trial left there is no search and nothing to pretrain.
         dense = self.start_pretraining(cpus, gpus) if remaining > 0 else None
         tracker = self.tracker(relocate=False)
-        from study.search.warmup import ParentRun
+        from study.search.running.warmup import ParentRun
 
         # the parent run opens while Tune starts the trials' workers
         parent = ParentRun(functools.partial(study_mlflow.open_parent_run, self, tracker))
@@ -209,17 +212,17 @@ class Study:
         study_mlflow.record_unstarted(self, optuna_study, tracker)
         if self.final_eval:
             self.final_evaluation(optuna_study, tracker, cpus, gpus)
-            if s.baselines is not None:  # study.baselines: LWM at the front's sizes (study.search.baselines)
-                from study.search.baselines import run_baselines
+            if s.baselines is not None:  # study.baselines: LWM at the front's sizes (study.search.front.baselines)
+                from study.search.front.baselines import run_baselines
 
                 run_baselines(self, optuna_study, tracker, cpus, gpus)
         return self.finish(optuna_study, tracker)
 
     def _search(self, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any, parent: Any) -> None:
-        from study.search.warmup import wait_report
+        from study.search.running.warmup import wait_report
 
         self._tuner(remaining, cpus, gpus, tracker, dense, parent).fit()
-        wait_report()  # the report's imports, started when the last trials ran (study.search.warmup)
+        wait_report()  # the report's imports, started when the last trials ran (study.search.running.warmup)
         if not dense.poll():  # the search ended before the dense model (Ctrl-C, time budget): no trial ran
             dense.cancel()
             return
@@ -230,8 +233,8 @@ class Study:
             raise
 
     def final_evaluation(self, optuna_study: Any, tracker: Any, cpus: float, gpus: float) -> int:
-        """The front's test-split evaluation (study.search.front). Returns the trials evaluated."""
-        done = front.evaluate_front(self, optuna_study, tracker, cpus, gpus)
+        """The front's test-split evaluation (study.search.front.evaluate). Returns the trials evaluated."""
+        done = evaluate_front(self, optuna_study, tracker, cpus, gpus)
         self.paths.push_tree("trials", names=[CONFIRM_FILE, SUITE_FINAL_FILE])
         return done
 
@@ -255,7 +258,7 @@ class Study:
             log.info("replacing Tune's folder of an earlier run, %s (scratch)", self.paths.experiment_location)
             self.paths.remove_experiment()
         s = self.space.study
-        from study.search.optuna_search import load_optuna_study
+        from study.search.optimize.optuna_search import load_optuna_study
 
         rungs = self.rung_scheduler(load_optuna_study(self.manifest.storage, s.name, self.space))
         reasons = rungs.reasons if rungs is not None else None
@@ -281,7 +284,7 @@ class Study:
             self.paths.pull_tree("pretrained")
             self.paths.pull("baselines.json")
         rows = pareto.front_rows(optuna_study, s.metrics)
-        suites, attacks = front.add_test_columns(self, rows)
+        suites, attacks = add_test_columns(self, rows)
         writable = tracker is not None or _writable(self.paths.root)
         if not writable:
             log.warning("the study folder %s is read-only: pareto.csv and the report are not rewritten", self.paths.root)
@@ -290,7 +293,7 @@ class Study:
         hv = pareto.study_hypervolume(optuna_study)
         # The terminal gets test clean/robust (the attack named above the table), the objectives' suite test
         # figures, AutoAttack and suspect; the CSV gets them all, test_attack included.
-        from study.search.front_files import terminal_column
+        from study.search.front.front_files import terminal_column
 
         shown = [{k: v for k, v in r.items() if terminal_column(k, s.metrics, r)} for r in rows]
         console.print_front(s.name, shown, self.space.keys, complete, failed, hv, csv, attacks)
@@ -343,11 +346,11 @@ def run_study(space: SearchSpace, *, runs_dir: str | Path = "runs", tracking_uri
               final_eval: bool = True) -> Outcome:
     """Start a study from a validated search space (refuses to overwrite one unless `fresh`).
 
-    Everything that can be checked is checked before anything is created (study.search.preflight); a
+    Everything that can be checked is checked before anything is created (study.search.running.preflight); a
     failure after creation, before any trial ran, removes what this invocation created."""
-    from study.search import preflight
-    from study.search.lock import StudyLock
-    from study.search.tracking import default_tracking_uri
+    from study.search.folder.lock import StudyLock
+    from study.search.recording.tracking import default_tracking_uri
+    from study.search.running import preflight
 
     name = space.study.name
     preflight.check_runs_dir(runs_dir)
@@ -427,7 +430,7 @@ def resume_study(name: str, *, runs_dir: str | Path = "runs", run_trial: Callabl
                  final_eval: bool = True) -> Outcome:
     """Continue a study from its Optuna storage and trial folders (a storage that is missing, empty or holds
     no such study is refused: never a silent new study)."""
-    from study.search.lock import StudyLock
+    from study.search.folder.lock import StudyLock
 
     paths, manifest, space = _open(name, runs_dir)
     paths.check_storage_here(manifest.storage)
@@ -501,7 +504,7 @@ def _writable(folder: Path) -> bool:
 
 def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, SearchSpace]:
     """A study's paths, manifest and space (an object-store study's are fetched into its mirror first)."""
-    from study.search import preflight
+    from study.search.running import preflight
 
     preflight.check_runs_dir(runs_dir, write=False)
     paths = study_paths(runs_dir, name)
@@ -523,7 +526,7 @@ def _open(name: str, runs_dir: str | Path) -> tuple[StudyPaths, Manifest, Search
 def _check_manifest(paths: StudyPaths, manifest: Manifest) -> None:
     """A manifest is followed only to this study's own storage: one naming another study, or the Optuna file
     of another study folder, is refused (a resume would write into that study)."""
-    from study.search.optuna_search import storage_file
+    from study.search.optimize.optuna_search import storage_file
 
     if manifest.name != paths.name:
         raise UserError(f"{paths.manifest}: the manifest of study {manifest.name!r}, not of {paths.name!r}; restore "
@@ -565,7 +568,7 @@ def wipe_study(paths: StudyPaths, storage_url: str, tracking_uri: str, runs: boo
     except KeyError:
         pass
     if runs:
-        from study.search.tracking import Tracker
+        from study.search.recording.tracking import Tracker
 
         Tracker(tracking_uri, name).delete_study_runs(name)
     for sub in (paths.tune_dir, paths.trials):

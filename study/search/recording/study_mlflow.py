@@ -1,6 +1,6 @@
-"""A study's MLflow side (study.search.runner.Study's): its tracker, the artifact locations of a copied
+"""A study's MLflow side (study.search.study.Study's): its tracker, the artifact locations of a copied
 study, the parent run, the Tune callbacks that record every trial as a nested run, and the runs of trials
-that never started. The records themselves (Tracker, MlflowTrialCallback, tags) are study.search.tracking's.
+that never started. The records themselves (Tracker, MlflowTrialCallback, tags) are study.search.recording.tracking's.
 """
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study.keys import NUMBER_KEY, ROLE_TAG, trial_run_key
-from study.search.optuna_search import link_mlflow_run, probe_sqlite
-from study.search.trainable import build_config
+from study.search.optimize.optuna_search import link_mlflow_run, probe_sqlite
+from study.search.running.trainable import build_config
 
 if TYPE_CHECKING:
-    from study.search.runner import Study
+    from study.search.study import Study
 
 
 def tracker(st: Study, relocate: bool = True) -> Any:
     """The study's MLflow tracker; `relocate=False` leaves `relocate_artifacts` to the caller."""
-    from study.search.tracking import Tracker
+    from study.search.recording.tracking import Tracker
 
     uri = st.manifest.tracking_uri
     name = st.space.study.name
@@ -47,7 +47,7 @@ def relocate_artifacts(st: Study) -> None:
 def open_parent_run(st: Study, tracker: Any) -> str:
     """The study's MLflow parent run, opened (and --fresh's old runs of the name deleted first); saved
     in the manifest."""
-    from study.search.tracking import open_parent_run
+    from study.search.recording.tracking import open_parent_run
 
     s = st.space.study
     relocate_artifacts(st)
@@ -61,8 +61,8 @@ def open_parent_run(st: Study, tracker: Any) -> str:
 
 def callback(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = None) -> Any:
     """The MLflow callback; `parent`: what returns the parent run's id once it is open (default: the
-    manifest's); `stop_reasons`: Tune trial id -> why a scheduler stopped it (study.search.rung_scheduler)."""
-    from study.search.tracking import MlflowTrialCallback
+    manifest's); `stop_reasons`: Tune trial id -> why a scheduler stopped it (study.search.optimize.rung_scheduler)."""
+    from study.search.recording.tracking import MlflowTrialCallback
 
     return MlflowTrialCallback(tracker, st.space.study.name, parent or st.manifest.parent_run_id,
                                str(st.paths.space),
@@ -74,10 +74,10 @@ def callback(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = No
 
 def callbacks(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = None) -> list[Any]:
     """Tune's JSON and CSV result loggers (what `tune` and ExperimentAnalysis read), the MLflow callback
-    and ReportPreload (study.search.warmup)."""
+    and ReportPreload (study.search.running.warmup)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from study.search.warmup import ReportPreload
+    from study.search.running.warmup import ReportPreload
 
     return [JsonLoggerCallback(), CSVLoggerCallback(), callback(st, tracker, parent, stop_reasons),
             ReportPreload(st.space.study.n_trials)]
@@ -87,7 +87,7 @@ def record_unstarted(st: Study, optuna_study: Any, tracker: Any) -> None:
     """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
     from optuna.trial import TrialState
 
-    from study.search.tracking import provenance_tags
+    from study.search.recording.tracking import provenance_tags
 
     parent = st.manifest.parent_run_id
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")

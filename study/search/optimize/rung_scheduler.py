@@ -1,4 +1,4 @@
-"""`RungScheduler`: `study.early_stop` (study.search.rungs.RungRule) through Tune's scheduler interface.
+"""`RungScheduler`: `study.early_stop` (study.search.optimize.rungs.RungRule) through Tune's scheduler interface.
 
 Every epoch report of a trial carries its objectives at that epoch (the trainable adds the size ones); the
 scheduler keeps them per trial and, when a trial completes (its final report, no failure), files its epoch
@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from study.keys import FAIL_KEY
-from study.search.rungs import RungRule
+from study.search.optimize.rungs import RungRule
 
 log = logging.getLogger("study.search")
 

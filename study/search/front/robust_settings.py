@@ -15,7 +15,7 @@
         search_budget: {points: 128, steps: 10, restarts: 1}
         final_budget: {points: 512, steps: 50, restarts: 2, autoattack: true}
 
-The evaluations themselves are study.search.robust_eval.
+The evaluations themselves are study.search.front.robust_eval.
 """
 from __future__ import annotations
 
@@ -133,8 +133,8 @@ def _budget(default: Budget, final: bool):
 
 @dataclass(frozen=True)
 class ConfirmSettings:
-    """`study.confirm`: the test-split confirmation of every Pareto-front trial (on by default; the
-    runner's --no-final-eval skips it, `study resume` runs it later)."""
+    """`study.confirm`: the test-split confirmation of every Pareto-front trial (on by default;
+    `--no-final-eval` of `study run | resume` skips it, `study resume` runs it later)."""
 
     points: int = field(default=0, metadata=in_range(0))  # test points (a seeded subset); 0 = the whole test split
     steps: int = field(default=50, metadata=in_range(1))  # PGD-Linf steps
@@ -187,7 +187,7 @@ def _confirm_overrides(raw: Any, key: str) -> dict:
 @dataclass(frozen=True)
 class BaselineSettings:
     """`study.baselines` (off by default): after the front's test confirmation, the LWM baseline at the front's
-    sizes (study.search.baselines): one LWM run per distinct front configuration (same keep fraction, attack and
+    sizes (study.search.front.baselines): one LWM run per distinct front configuration (same keep fraction, attack and
     fine-tuning; magnitude masks, no score training), validated like a trial and confirmed on the TEST split.
 
     `true` (or `{}`) confirms the baselines exactly like the front (study.confirm); `confirm:` changes keys of

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from ray.tune.search import Searcher
 
 from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY
-from study.search.space import SearchSpace
+from study.search.optimize.space import SearchSpace
 
 log = logging.getLogger("study.search")
 
@@ -60,8 +60,8 @@ class StudySearch(Searcher):
         if self._study is None:
             import optuna
 
-            from study.search.optuna_search import open_storage
-            from study.search.samplers import make_sampler
+            from study.search.optimize.optuna_search import open_storage
+            from study.search.optimize.samplers import make_sampler
 
             self._storage = storage = open_storage(self.storage_url)
             asked = len(optuna.load_study(study_name=self.name, storage=storage).get_trials(deepcopy=False))
@@ -135,7 +135,7 @@ class StudySearch(Searcher):
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 self._tell(number, None, f"objective not finite: {dict(zip(self.metrics, values))}", attrs)
                 return
-            from study.search.tracking import numeric_metrics
+            from study.search.recording.tracking import numeric_metrics
 
             attrs.update({k: v for k, v in numeric_metrics(result).items() if k not in ("final", "step", "epoch")})
             if isinstance(result.get(NODE_KEY), str):
@@ -148,7 +148,7 @@ class StudySearch(Searcher):
         finished already (told by an earlier driver) is left as it is."""
         from optuna.trial import TrialState
 
-        from study.search.optuna_search import set_user_attrs
+        from study.search.optimize.optuna_search import set_user_attrs
 
         study = self.study
         trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)

@@ -3,7 +3,7 @@
 Trials are selected on validation figures only; then every Pareto-front trial is evaluated on the TEST
 split as a Ray task on one trial's resources: the confirmation (study.confirm, always) and, with a
 study.robustness section, the suite's final budget. The figures are saved beside the trial's files
-(study.search.front_files), logged to the trial's MLflow run and added to the Pareto table's rows.
+(study.search.front.front_files), logged to the trial's MLflow run and added to the Pareto table's rows.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from study.keys import NUMBER_KEY, TEST_PREFIX, trial_run_key
-from study.search import front_files
-from study.search.layout import CONFIRM_FILE, trial_dir
-from study.search.robust_eval import evaluate_on_test
+from study.search.folder.layout import CONFIRM_FILE, trial_dir
+from study.search.front import front_files
+from study.search.front.robust_eval import evaluate_on_test
 
 if TYPE_CHECKING:
-    from study.search.runner import Study
+    from study.search.study import Study
 
 log = logging.getLogger("study.search")
 

@@ -1,4 +1,4 @@
-"""The study lock in an S3 bucket, taken with S3's conditional writes (study.search.lock).
+"""The study lock in an S3 bucket, taken with S3's conditional writes (study.search.folder.lock).
 
 `put_object(IfNoneMatch='*')` creates the lock only where there is none (HTTP 412 otherwise), and a stale
 lock is replaced with `put_object(IfMatch=<the ETag read>)`, which fails when another driver replaced it

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from study.keys import TEST_PREFIX
-from study.search.layout import CONFIRM_FILE, SUITE_FINAL_FILE
-from study.search.robust_settings import Budget, ConfirmSettings
+from study.search.folder.layout import CONFIRM_FILE, SUITE_FINAL_FILE
+from study.search.front.robust_settings import Budget, ConfirmSettings
 
 # The confirmation's figures (study.confirm), in column order; `test_attack` names attack and budget.
 TEST_METRICS = ("test_clean_acc", "test_robust_acc", "test_pgd_acc", "test_autoattack_acc", "test_points")

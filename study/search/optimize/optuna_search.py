@@ -1,7 +1,7 @@
 """Optuna's side of a study: the storage, the study, and the checks a resume makes of them.
 
 The Optuna storage is, with the trial folders, the study's only state; the Tune searcher on it is
-study.search.searcher.StudySearch.
+study.search.optimize.searcher.StudySearch.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import ConfigError
-from study.search.space import SearchSpace
+from study.search.optimize.space import SearchSpace
 
 log = logging.getLogger("study.search")
 

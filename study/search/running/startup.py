@@ -1,7 +1,7 @@
 """What `study run` and `study resume` do before their Study exists: the checks that need no Ray, then
 (for a one-machine CPU study) the dense model's pretraining in a process spawned by the driver and MLflow's
-import in a thread (study.search.dense, study.search.warmup), then Ray, started or joined, and the checks
-that need it. Ray's start-up (3-5 s on a 2-core CPU) thus overlaps the pretraining instead of preceding it.
+import in a thread (study.search.running.dense, study.search.running.warmup), then Ray, started or joined, and
+the checks that need it. Ray's start-up (3-5 s on a 2-core CPU) thus overlaps the pretraining instead of preceding it.
 
 Nothing of the study is created before every check has passed: the MLflow store opens only after
 `EarlyStart.checked()`, and a refused command cancels the pretraining. One thing may stay: a pretraining that
@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from study.search.layout import StudyPaths
-from study.search.ray_cluster import NO_GPU_NOTICE, joins_cluster, resolve_gpus, start_ray
-from study.search.space import SearchSpace
+from study.search.folder.layout import StudyPaths
+from study.search.optimize.space import SearchSpace
+from study.search.running.ray_cluster import NO_GPU_NOTICE, joins_cluster, resolve_gpus, start_ray
 
 
 def fixed_config(space: SearchSpace, paths: StudyPaths) -> dict[str, str]:
@@ -33,8 +33,8 @@ def fixed_config(space: SearchSpace, paths: StudyPaths) -> dict[str, str]:
 
 
 def check(space: SearchSpace, storage: str, tracking_uri: str, address: str | None, num_cpus: int | None) -> None:
-    """Checks before anything is created or started (one line each, study.search.preflight)."""
-    from study.search import preflight
+    """Checks before anything is created or started (one line each, study.search.running.preflight)."""
+    from study.search.running import preflight
 
     preflight.check_num_cpus(num_cpus)
     preflight.check_address(address)
@@ -45,9 +45,9 @@ def check(space: SearchSpace, storage: str, tracking_uri: str, address: str | No
 
 def start_ray_checked(space: SearchSpace, address: str | None, num_cpus: int | None) -> None:
     """Ray (joined or started), and a trial's resources checked against it (on a joined cluster: asked of its
-    autoscaler, study.search.preflight.check_resources). `gpus_per_trial: auto` counts the GPUs present now: on
+    autoscaler, study.search.running.preflight.check_resources). `gpus_per_trial: auto` counts the GPUs present now: on
     a joined cluster with none (an autoscaling one whose GPU nodes start on demand) a line says so."""
-    from study.search import preflight
+    from study.search.running import preflight
 
     start_ray(address, num_cpus)
     s = space.study
@@ -65,8 +65,8 @@ class EarlyStart:
 
     def __init__(self, space: SearchSpace, paths: StudyPaths, pretrain: Callable | None, address: str | None,
                  num_cpus: int | None, tracking_uri: str, trials_left: bool = True):
-        from study.search import dense, warmup
-        from study.search.trainable import pretrain_task
+        from study.search.running import dense, warmup
+        from study.search.running.trainable import pretrain_task
 
         s = space.study
         # trials_left False: a resume with every Optuna trial finished (it ends the study: the front, the
@@ -80,13 +80,13 @@ class EarlyStart:
 
     def checked(self) -> None:
         """Every check passed: the MLflow warm-up may open (create) its store."""
-        from study.search import warmup
+        from study.search.running import warmup
 
         warmup.open_mlflow(self.tracking_uri)
 
     def cancel(self) -> None:
         """Stop what is still running (a no-op for what has ended): after a refusal, an error or Ctrl-C."""
-        from study.search import warmup
+        from study.search.running import warmup
 
         if self.dense is not None:
             self.dense.cancel()

@@ -1,7 +1,7 @@
 """Where a study lives on disk: runs/<name>/ and its manifest.
 
     runs/<name>/study.json          the manifest: space file, Optuna storage, tracking URI (relative to the folder), parent run id
-    runs/<name>/.lock               the running driver (study.search.lock)
+    runs/<name>/.lock               the running driver (study.search.folder.lock)
     runs/<name>/space.yaml          the validated search space (what `study resume` reads)
     runs/<name>/optuna.db           the default Optuna storage
     runs/<name>/tune/<name>/        the Ray Tune experiment of the last run or resume (scratch: never read back)
@@ -10,7 +10,7 @@
                                     robustness_final.json
     runs/<name>/pareto.csv          the Pareto front
 
-With --runs-dir on an object store (s3://BUCKET/PREFIX, study.search.store) the same layout lives in the
+With --runs-dir on an object store (s3://BUCKET/PREFIX, study.search.folder.store) the same layout lives in the
 bucket, and `root` is the driver's local mirror of it: `push` copies what the driver wrote to the bucket,
 `pull` brings what it reads from there. Both do nothing for a local study.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from study.search.store import Store, data_dir, is_remote, mirror_dir
+from study.search.folder.store import Store, data_dir, is_remote, mirror_dir
 
 TRIAL_CHECKPOINT_FILE = "checkpoint.pt"  # a running trial's last resume state (torch, weights-only)
 TRIAL_FINAL_FILE = "final.json"  # a finished trial's last report (reported again, not retrained, on resume)
@@ -169,7 +169,7 @@ class StudyPaths:
     @property
     def default_storage(self) -> str:
         """A sqlite file in the study folder; for an object-store study (no file locks there), on the
-        driver's disk (study.search.store.data_dir)."""
+        driver's disk (study.search.folder.store.data_dir)."""
         if self.store is not None:
             folder = data_dir(self.runs) / self.name
             folder.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  "%s=0 was set (the `study` command sets it first)", ip, SINGLE_NODE_ENV)
 
 
-# printed by `study run | resume` when `auto` finds no GPU on a joined cluster (study.search.startup)
+# printed by `study run | resume` when `auto` finds no GPU on a joined cluster (study.search.running.startup)
 NO_GPU_NOTICE = ("[study] study.gpus_per_trial is auto and the Ray cluster has no GPU now: the trials will use no "
                  "GPU and no GPU node will be asked for; to run them on GPU nodes the autoscaler starts, pass "
                  "--set study.gpus_per_trial=1")

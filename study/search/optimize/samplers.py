@@ -2,7 +2,7 @@
 
 Each entry returns the sampler class, importing Optuna only then (loading a search-space file stays
 light). To add a sampler, register one more function here: validation, error messages, the options check
-and the runner all read this registry.
+and the study all read this registry.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def option_names(name: str) -> list[str]:
 
 
 def make_sampler(settings: Any, seed_offset: int = 0) -> Any:
-    """The sampler of a study's settings (study.search.space.StudySettings, or a SearchSpace's), seeded with
+    """The sampler of a study's settings (study.search.optimize.space.StudySettings, or a SearchSpace's), seeded with
     study.seed + `seed_offset` (a resumed study: the trials it holds, so it does not propose its first points
     again)."""
     s = getattr(settings, "study", settings)

@@ -94,9 +94,9 @@ def _flock_within(fd: int, seconds: float, guard: Path) -> None:
 class StudyLock:
     def __init__(self, root: Path, store: Any = None):
         self.path = Path(root) / LOCK_FILE
-        self.store = store  # study.search.store.Store of an object-store study, else None
+        self.store = store  # study.search.folder.store.Store of an object-store study, else None
         self.held = False
-        self._s3: Any = None  # study.search.lock_s3.S3Lock where the store is S3 and allows conditional writes
+        self._s3: Any = None  # study.search.folder.lock_s3.S3Lock where the store is S3 and allows conditional writes
 
     # --- reading ---------------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class StudyLock:
             tmp.unlink(missing_ok=True)
 
     def _acquire_store(self, record: dict) -> None:
-        from study.search.lock_s3 import S3Lock
+        from study.search.folder.lock_s3 import S3Lock
 
         self._s3 = S3Lock.of(self.store, LOCK_FILE)
         if self._s3 is not None and self._s3.acquire(record, self._judge, self.message):

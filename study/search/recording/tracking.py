@@ -34,7 +34,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from study.keys import (FAIL_KEY, MODEL_REF_FILE, MODEL_URI_TAG, NODE_KEY, NUMBER_KEY, ROLE_TAG, study_run_key,
                         trial_run_key)
-from study.search.store import is_remote
+from study.search.folder.store import is_remote
 
 # Result keys Tune adds or that are not metrics.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
@@ -55,7 +55,7 @@ def default_tracking_uri(runs_dir: str | Path) -> str:
     """runs/mlflow.db; for an object-store runs folder, a sqlite file on this machine (no file locks in a
     bucket; its artifacts go to the bucket: Study.tracker)."""
     if is_remote(runs_dir):
-        from study.search.store import data_dir
+        from study.search.folder.store import data_dir
 
         folder = data_dir(str(runs_dir))
         folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def model_by_reference(artifact_uri: str | None, study_folder: str | Path | None
 def log_model_reference(tracker: "Tracker", run_id: str, folder_uri: str) -> dict[str, Any]:
     """Log a reference to the model.pt of the trial folder `folder_uri` (an object-store URI): MODEL_REF_FILE
     with the object's URI, size and sha256 (read from the object itself), and the tag MODEL_URI_TAG."""
-    from study.search.store import Store
+    from study.search.folder.store import Store
 
     folder = folder_uri.rstrip("/")
     size, sha256 = Store(folder).sha256("model.pt")
@@ -149,7 +149,7 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
-            from study.search import warmup
+            from study.search.running import warmup
 
             warmup.wait_mlflow(self.tracking_uri)  # the driver's warm-up thread, if one opens this store
             from mlflow.tracking import MlflowClient
@@ -268,7 +268,7 @@ def _param_text(value: Any) -> str:
 
 def study_description(settings: Mapping[str, Any], space_file: str | Path | None = None, extra: str = "") -> str:
     """Markdown shown on the experiment's page: what the study searches for and how (`settings`: the
-    fields of study.search.space.StudySettings, as dataclasses.asdict gives them)."""
+    fields of study.search.optimize.space.StudySettings, as dataclasses.asdict gives them)."""
     objectives = settings.get("objectives") or ()
     goals = ", ".join(f"`{o['metric']}` ({o['mode']})" if isinstance(o, Mapping) else str(o) for o in objectives)
     lines = [f"Study **{settings.get('name', '?')}**: robust pruning (HYDRA and baselines) searched by Optuna "
@@ -341,7 +341,7 @@ class MlflowTrialCallback(Callback):
     `trial_config(config)` maps a Tune trial config to its TrialConfig (flat params + JSON artifact);
     `link(number, run_id)` records the run id with the Optuna trial (both picklable: Tune pickles this
     callback with the Tuner into its scratch folder, which nothing reads back). `parent_run_id`: the id, or what returns it once the
-    run is open (study.search.warmup.ParentRun). `trial_dir(number)`: the local folder with a finished trial's
+    run is open (study.search.running.warmup.ParentRun). `trial_dir(number)`: the local folder with a finished trial's
     model.pt and result.json (logged under `model/`); `trial_uri(number)`: where that folder really lives (its
     URI in a bucket), which decides whether the model's bytes or a reference are logged (model_by_reference).
     """
@@ -422,7 +422,7 @@ class MlflowTrialCallback(Callback):
                                                  "optuna_state": "PRUNED"})
         elif not final:
             self.tracker.log_batch(run_id, tags={FAIL_KEY: "stopped before its final report"})
-        elif last.get(FAIL_KEY):  # the trial recorded its own failure (study.search.trainable)
+        elif last.get(FAIL_KEY):  # the trial recorded its own failure (study.search.running.trainable)
             self.tracker.log_batch(run_id, tags={FAIL_KEY: str(last[FAIL_KEY])[:500]})
         elif self.trial_dir is not None:
             self.log_outputs(run_id, int(trial.config.get(NUMBER_KEY, -1)))

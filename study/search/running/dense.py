@@ -8,7 +8,7 @@ worker's start (a new process importing torch: 3-4 s on a 2-core CPU) in series 
 - cached (the checkpoint for this config's pretrain_key is in the study's cache, local or in the bucket,
   or `trial.pretrained` names an existing file): nothing to do, the trials read it;
 - a one-machine study without GPUs for the trials, whose driver is about to start its own local Ray
-  (study.search.startup.EarlyStart): a child process SPAWNED by the driver (a fresh interpreter: no GIL
+  (study.search.running.startup.EarlyStart): a child process SPAWNED by the driver (a fresh interpreter: no GIL
   shared with the driver's own set-up) trains it and writes a marker file when it is done. It starts
   before Ray does, so Ray's start-up, the MLflow and Optuna stores and the trial workers' start all overlap
   it. Never a fork: a fork of a driver that has run torch deadlocks in the child's OpenMP thread pool as
@@ -51,7 +51,7 @@ def user_error(e: BaseException) -> BaseException | None:
 
 def cached(cfg: Any) -> bool:
     """Whether the dense model of `cfg` exists already (checked by the driver, without a task)."""
-    from study.search.store import Store, is_remote
+    from study.search.folder.store import Store, is_remote
 
     if cfg.pretrained:
         return not is_remote(cfg.pretrained) and Path(cfg.pretrained).is_file()
@@ -63,7 +63,7 @@ def cached(cfg: Any) -> bool:
 
 def location(folder: str, name: str) -> str:
     """`folder`/`name` for a local folder or an object-store URI (Path would fold s3:// into s3:/)."""
-    from study.search.store import Store, is_remote
+    from study.search.folder.store import Store, is_remote
 
     return Store(folder).url(name) if is_remote(folder) else str(Path(folder) / name)
 
@@ -84,7 +84,7 @@ def local_cpu_study(address: str | None, gpus_setting: Any, cpus: float) -> bool
     import ray
 
     if ray.is_initialized():
-        from study.search.ray_cluster import resolve_gpus
+        from study.search.running.ray_cluster import resolve_gpus
 
         return resolve_gpus(gpus_setting) == 0 and single_machine(cpus)
     if address or os.environ.get("RAY_ADDRESS"):
@@ -224,13 +224,14 @@ class Pretraining:
 
 
 def _spawn(task: Callable, cfg: Any, threads: int, pretrain: Callable | None, marker: Path) -> subprocess.Popen:
-    """`python -m study.search.dense MARKER` with the job on its stdin (cloudpickle: by value for a function
+    """`python -m study.search.running.dense MARKER` with the job on its stdin (cloudpickle: by value for a function
     of a script's __main__, by reference for a module's), the driver's sys.path as its PYTHONPATH. A plain
     subprocess rather than multiprocessing's spawn, which re-runs the driver's main module in the child."""
     import cloudpickle
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "study.search.dense", str(marker)], stdin=subprocess.PIPE, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "study.search.running.dense", str(marker)], stdin=subprocess.PIPE,
+                            env=env)
     proc.stdin.write(cloudpickle.dumps((task, cfg, threads, pretrain)))
     proc.stdin.close()
     return proc

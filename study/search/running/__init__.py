@@ -1,0 +1,5 @@
+"""Running a study's trials: the checks and start-up before a Study exists, Ray, the dense model, the trainable.
+
+startup and preflight (what is checked and started first), ray_cluster (start or join Ray; GPUs per trial),
+dense (the pretrained model), warmup (the driver's work done ahead in threads), trainable (one Tune trial).
+"""
