@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from analysis import pareto, plots
+from analysis import pareto, plots, plots_trials
 from analysis.recommend import best_at_compression, knee, smallest_within
 from analysis.report_data import Importances, Recommendation, ReportData, TestComparison, collect, mlflow_run_ids, test_comparison  # noqa: F401 - re-exported
 from analysis.report_page import render
@@ -163,7 +163,7 @@ def front_plot_inputs(data: ReportData, rec: Recommendation, color: str | None) 
             "front_test_key": cmp.front_key, "front_test_label": cmp.front_label}
 
 
-def search_lines(optuna_study: Any, modes: Sequence[str]) -> tuple[list[plots.ParamAxis], list[plots.TrialLine]]:
+def search_lines(optuna_study: Any, modes: Sequence[str]) -> tuple[list[plots_trials.ParamAxis], list[plots_trials.TrialLine]]:
     """The parallel and slice views' inputs: the searched parameters (from Optuna's distributions, in the order
     they first appear) and one line per COMPLETE (with its Pareto rank), FAIL or PRUNED trial."""
     from optuna.distributions import CategoricalDistribution
@@ -178,10 +178,10 @@ def search_lines(optuna_study: Any, modes: Sequence[str]) -> tuple[list[plots.Pa
     for t in shown:
         for k, d in t.distributions.items():
             dists.setdefault(k, d)
-    axes = [plots.ParamAxis(k, "category", choices=tuple(str(c) for c in d.choices))
-            if isinstance(d, CategoricalDistribution) else plots.ParamAxis(k, "number", log=bool(getattr(d, "log", False)))
+    axes = [plots_trials.ParamAxis(k, "category", choices=tuple(str(c) for c in d.choices))
+            if isinstance(d, CategoricalDistribution) else plots_trials.ParamAxis(k, "number", log=bool(getattr(d, "log", False)))
             for k, d in dists.items()]
-    lines = [plots.TrialLine(t.number, dict(t.params), list(t.values) if t.number in ranks else None, ranks.get(t.number))
+    lines = [plots_trials.TrialLine(t.number, dict(t.params), list(t.values) if t.number in ranks else None, ranks.get(t.number))
              for t in shown]
     return axes, lines
 
@@ -199,8 +199,8 @@ def draw(data: ReportData, rec: Recommendation, out: Path, optuna_study: Any, sp
     drawn["importance"] = plots.importance_plot(out / "importance.png", imp.values) if imp.values else imp.reason
     axes, lines = search_lines(optuna_study, data.modes)
     ri = data.objectives.index(data.robust_metric)
-    views = (("parallel", lambda p: plots.parallel_plot(p, axes, lines, data.objectives, data.modes)),
-             ("slice", lambda p: plots.slice_plot(p, axes, lines, ri, data.robust_metric)))
+    views = (("parallel", lambda p: plots_trials.parallel_plot(p, axes, lines, data.objectives, data.modes)),
+             ("slice", lambda p: plots_trials.slice_plot(p, axes, lines, ri, data.robust_metric)))
     for name, fn in views:
         if len(data.points) < 2:
             drawn[name] = "fewer than two completed trials"

@@ -122,14 +122,14 @@ def _wrap_driver(timers: DriverTimers) -> None:
     from ray.tune.execution.tune_controller import TuneController
 
     from study.search.optimize.searcher import StudySearch
-    from study.search.recording import tracking
+    from study.search.recording import trial_callback
     from study.search.study import Study
 
     timers.wrap(Study, "finish", "finish")
     timers.wrap(tune.Tuner, "fit", "fit")
     timers.wrap(TuneController, "checkpoint", "snapshot")  # called every controller step; writes when due
     for m in ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"):
-        timers.wrap(tracking.MlflowTrialCallback, m, "mlflow")
+        timers.wrap(trial_callback.MlflowTrialCallback, m, "mlflow")
     for m in ("suggest", "on_trial_complete"):
         timers.wrap(StudySearch, m, "optuna")
 

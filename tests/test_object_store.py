@@ -307,7 +307,8 @@ def test_finished_trial_run_references_its_model_in_the_study_bucket_else_stores
     from study.robustness import targets
     from study.search.folder.layout import study_paths
     from study.search.folder.store import Store
-    from study.search.recording.tracking import MlflowTrialCallback, Tracker
+    from study.search.recording.tracking import Tracker
+    from study.search.recording.trial_callback import MlflowTrialCallback
     from study.trial.config import TrialConfig
 
     monkeypatch.setenv("STUDY_CACHE_DIR", str(tmp_path / "cache"))

@@ -26,7 +26,8 @@ from analysis.report import recommend as recommend_models
 from analysis.report import summary, write_report
 from analysis.report_data import ReportError, axes_of, collect
 from study.search.optimize.space import load_space
-from study.search.recording.tracking import STAGE_CODES, epoch_record
+from study.search.recording.tracking import STAGE_CODES
+from study.search.recording.trial_callback import epoch_record
 
 OBJECTIVES = {"study.objectives": [{"metric": "params_kept", "mode": "min"}, {"metric": "val_robust_acc", "mode": "max"}]}
 TOTAL = 10_000.0

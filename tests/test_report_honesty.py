@@ -17,7 +17,7 @@ from optuna.trial import TrialState, create_trial
 
 from test_report import CHROMIUM, DIST, TOTAL, _folder, _space, _study, _trial
 
-from analysis import pareto, plots, recommend
+from analysis import pareto, plots_trials, recommend
 from analysis.report import IMPORTANCE_MIN_TRIALS, importances, search_lines, size_note, write_report
 from analysis.report_data import collect
 from analysis.report_page import STYLE, recommendation_text
@@ -183,7 +183,7 @@ def test_pareto_ranks_are_non_dominated_sorting():
 
 def test_parallel_plot_draws_the_front_last_and_darkest():
     ranks = [2, 0, None, 1, 0, None, 2]
-    order = plots.draw_order(ranks)
+    order = plots_trials.draw_order(ranks)
     assert sorted(i for i, *_ in order) == list(range(len(ranks)))
     drawn = [ranks[i] for i, *_ in order]
     assert drawn[:2] == [None, None] and drawn[-2:] == [0, 0]  # failed underneath, the front on top
@@ -200,7 +200,7 @@ def test_parallel_plot_draws_the_front_last_and_darkest():
     assert {a.key for a in axes} == set(PLANTED_DIST) and any(ln.rank is None for ln in lines)
     front = {ln.number for ln in lines if ln.rank == 0}
     assert front == {t.number for t in study.best_trials}
-    order = plots.draw_order([ln.rank for ln in lines])
+    order = plots_trials.draw_order([ln.rank for ln in lines])
     assert {lines[i].number for i, *_ in order[-len(front):]} == front
 
 
@@ -221,19 +221,19 @@ LONG = ("kaiming_normal_fan_out_with_a_long_suffix", "snip_at_initialisation", "
 
 @pytest.mark.parametrize("long", [LONG, LONG[:8], LONG[:4], ("ssi", "snip", "kaiming_normal")])
 def test_slice_plot_tick_labels_do_not_overlap(tmp_path, long):
-    axes = [plots.ParamAxis("prune.score_init", "category", choices=long),
-            plots.ParamAxis("finetune.lr", "number", log=True),  # less than a decade: minor ticks would be labelled
-            plots.ParamAxis("attack.eps_multiplier", "number"),
-            plots.ParamAxis("prune.keep_fraction", "number", log=True)]
+    axes = [plots_trials.ParamAxis("prune.score_init", "category", choices=long),
+            plots_trials.ParamAxis("finetune.lr", "number", log=True),  # less than a decade: minor ticks would be labelled
+            plots_trials.ParamAxis("attack.eps_multiplier", "number"),
+            plots_trials.ParamAxis("prune.keep_fraction", "number", log=True)]
     rng = np.random.default_rng(0)
-    lines = [plots.TrialLine(i, {"prune.score_init": long[i % len(long)], "finetune.lr": float(rng.uniform(0.0021, 0.0079)),
+    lines = [plots_trials.TrialLine(i, {"prune.score_init": long[i % len(long)], "finetune.lr": float(rng.uniform(0.0021, 0.0079)),
                                  "attack.eps_multiplier": float(rng.uniform(0.51234, 1.98765)),
                                  "prune.keep_fraction": float(10 ** rng.uniform(-3, 0))},
                              [float(rng.integers(100, 10000)), float(rng.uniform(0.1, 0.6))], int(rng.integers(0, 4)))
              for i in range(40)]
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = plots.slice_figure(axes, lines, 1, "val_robust_acc")
+    fig = plots_trials.slice_figure(axes, lines, 1, "val_robust_acc")
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     renderer = canvas.get_renderer()
@@ -247,15 +247,15 @@ def test_slice_plot_tick_labels_do_not_overlap(tmp_path, long):
             assert not _overlaps(boxes), [t.get_text() for t in shown]
             assert all(page.x0 - 1 <= b.x0 and b.x1 <= page.x1 + 1 and page.y0 - 1 <= b.y0 for b in boxes)
             assert 2 <= len(shown) <= 8, [t.get_text() for t in labels]  # labelled, and few
-            assert all(t.get_text() in {plots.short_label(c) for c in long} for t in shown) if k == 0 and ax is used[0] else True
+            assert all(t.get_text() in {plots_trials.short_label(c) for c in long} for t in shown) if k == 0 and ax is used[0] else True
         assert not [t for t in ax.get_xticklabels(minor=True) if t.get_text() and _inside(ax, t, 0)]
     # the x labels of different panels do not collide either
     xl = [ax.xaxis.label.get_window_extent(renderer) for ax in used]
     assert not _overlaps(xl)
-    path = plots.slice_plot(tmp_path / "slice.png", axes, lines, 1, "val_robust_acc")
+    path = plots_trials.slice_plot(tmp_path / "slice.png", axes, lines, 1, "val_robust_acc")
     assert path.is_file()
-    assert "\n" in plots.short_label(LONG[0]) and plots.short_label(LONG[0]).endswith("…")
-    assert plots.short_label("kaiming_normal") == "kaiming_normal"
+    assert "\n" in plots_trials.short_label(LONG[0]) and plots_trials.short_label(LONG[0]).endswith("…")
+    assert plots_trials.short_label("kaiming_normal") == "kaiming_normal"
 
 
 # ---------------------------------------------------------------------------------------------------

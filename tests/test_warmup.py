@@ -118,7 +118,8 @@ def test_the_mlflow_callback_waits_for_the_parent_run_before_its_first_trial_run
     from types import SimpleNamespace
 
     from study.keys import NUMBER_KEY
-    from study.search.recording.tracking import MlflowTrialCallback, Tracker
+    from study.search.recording.tracking import Tracker
+    from study.search.recording.trial_callback import MlflowTrialCallback
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quickstart", artifact_root=str(tmp_path / "art"))
     opened = []

@@ -114,9 +114,9 @@ def run_cell(values: Mapping[str, Any], seed: int, quick: bool) -> dict[str, Any
     import torch
 
     torch.set_num_threads(1)
-    from study.search.robust_eval import confirm
-    from study.search.robust_settings import ConfirmSettings
-    from study.search.space import load_space
+    from study.search.front.robust_eval import confirm
+    from study.search.front.robust_settings import ConfirmSettings
+    from study.search.optimize.space import load_space
     from study.trial.pipeline import run_trial
 
     space = load_space(SPACE)
@@ -193,7 +193,7 @@ def build(path: Path, *, workers: int, quick: bool, limit: int | None = None) ->
 
 
 def _pretrain_only(seed: int, quick: bool) -> None:
-    from study.search.space import load_space
+    from study.search.optimize.space import load_space
     from study.trial.pipeline import pretrain
 
     space = load_space(SPACE)

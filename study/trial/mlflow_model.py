@@ -30,13 +30,13 @@ class TrialModel:
     this module does not import MLflow)."""
 
     def load_context(self, context: Any) -> None:
-        from study.robustness.targets import read_checkpoint
         from study.trial.config import trial_from_dict
         from study.trial.data import dataset_info
         from study.trial.models import load_exported
+        from study.trial.sparse_file import load_state
 
         cfg = trial_from_dict(json.loads(Path(context.artifacts[CONFIG]).read_text()))
-        state = read_checkpoint(Path(context.artifacts[WEIGHTS]))
+        state = load_state(context.artifacts[WEIGHTS])  # torch's weights-only loader
         self.model = load_exported(cfg, state, dataset_info(cfg.data.name), "cpu")
 
     def predict(self, context: Any, model_input: Any, params: Any = None) -> np.ndarray:

@@ -62,7 +62,7 @@ def open_parent_run(st: Study, tracker: Any) -> str:
 def callback(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = None) -> Any:
     """The MLflow callback; `parent`: what returns the parent run's id once it is open (default: the
     manifest's); `stop_reasons`: Tune trial id -> why a scheduler stopped it (study.search.optimize.rung_scheduler)."""
-    from study.search.recording.tracking import MlflowTrialCallback
+    from study.search.recording.trial_callback import MlflowTrialCallback
 
     return MlflowTrialCallback(tracker, st.space.study.name, parent or st.manifest.parent_run_id,
                                str(st.paths.space),

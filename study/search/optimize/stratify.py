@@ -29,7 +29,7 @@ def shift_of(seed: int) -> float:
 
 
 def stratified_value(param: Any, i: int, shift: float) -> float:
-    """Trial i's value of a float/int `param` (study.search.space.Param: low, high, log)."""
+    """Trial i's value of a float/int `param` (study.search.optimize.space.Param: low, high, log)."""
     u = (van_der_corput(i) + shift) % 1.0
     lo, hi = float(param.low), float(param.high)
     value = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if param.log else lo + u * (hi - lo)
