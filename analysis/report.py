@@ -292,8 +292,8 @@ def log_report(tracker: Any, run_id: str, folder: Path, metrics: Mapping[str, fl
         except Exception as e:  # noqa: BLE001 - a registry that refuses loses the alias, not the report
             log.warning("report: could not register the recommended model: %s", e)
         else:
-            if version is None:
-                log.warning("report: the recommended trial's MLflow run has no logged model: nothing registered")
+            if version is None:  # trial models are logged as MLflow models only with study.log_models
+                log.debug("report: the recommended trial's MLflow run has no logged model: nothing registered")
             else:
                 print(f"recommended model registered: models:/{space.study.name}@recommended (version {version})",
                       flush=True)

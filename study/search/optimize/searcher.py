@@ -94,8 +94,15 @@ class StudySearch(Searcher):
                 self.numbers[trial_id] = trial.number
                 return config
             claimed.add(trial.number)
-        if len(study.get_trials(deepcopy=False)) >= self.n_trials:
+        asked = len(study.get_trials(deepcopy=False))
+        if asked >= self.n_trials:
             return Searcher.FINISHED
+        if self.space.study.stratify:  # study.stratify: that key's value is fixed before the sampler draws the rest
+            from study.search.optimize.stratify import shift_of, stratified_value
+
+            param = next(p for p in self.space.params if p.key == self.space.study.stratify)
+            study.enqueue_trial({param.key: stratified_value(param, asked, shift_of(self.space.study.seed))},
+                                skip_if_exists=False)
         trial = study.ask()
         self.numbers[trial_id] = trial.number
         return {**self.space.suggest(trial), NUMBER_KEY: trial.number}

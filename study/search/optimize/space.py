@@ -98,6 +98,9 @@ class StudySettings:
     # at that epoch (study.search.optimize.rungs); it is PRUNED, never in the front. None/false = every trial
     # runs in full
     early_stop: RungRule | None = field(default=None, metadata={"parse": parse_rungs})
+    # a searched float/int key (e.g. prune.keep_fraction) drawn on a shifted low-discrepancy grid over its range
+    # instead of by the sampler (study.search.optimize.stratify); "" = the sampler draws every key
+    stratify: str = ""
 
     def __post_init__(self) -> None:
         # suite objectives take the suite's spelling (robust.l2.1.0 -> robust.l2.1) and need their section
@@ -233,6 +236,12 @@ def parse_space(data: Mapping[str, Any], path: str = "<memory>") -> SearchSpace:
     params = [_parse_param(key, spec, trial, base) for key, spec in data["search"].items()]
     if not params:
         raise ConfigError("search", "no parameter to search; add at least one (e.g. prune.keep_fraction)")
+    if settings.stratify:
+        p = next((q for q in params if q.key == settings.stratify), None)
+        numbers = [q.key for q in params if q.kind in ("float", "int") and not q.when]
+        if p is None or p.kind not in ("float", "int") or p.when:
+            raise ConfigError("study.stratify", f"{settings.stratify!r} is not a searched number without a `when` "
+                              f"condition; one of: {', '.join(numbers) or '(none)'}")
     return SearchSpace(path=str(path), study=settings, trial=trial, params=_ordered(params), raw=dict(data))
 
 
