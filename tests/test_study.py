@@ -331,7 +331,8 @@ def test_the_sampler_never_sees_the_test_split(tmp_path):
     labels: Optuna receives exactly the same values, user attributes and (NSGA-II-sampled, so value-dependent)
     params, in the same order."""
     overrides = {"study.n_trials": 4, "study.max_concurrent": 1,
-                 "study.sampler_options": {"population_size": 2},  # NSGA-II: trials 2-3 bred from 0-1 by their values
+                 "study.sampler": "nsga2", "study.sampler_options": {"population_size": 2},  # trials 2-3 bred from 0-1
+                 "study.stratify": "",
                  "trial.data.train_limit": 512, "trial.pretrain.epochs": 1, "trial.prune_stage.epochs": 1,
                  "trial.finetune.epochs": 1, "trial.eval.steps": 5, "trial.eval.restarts": 1,
                  "trial.eval.val_points": 64, "trial.eval.val_steps": 2}

@@ -151,14 +151,16 @@ def write_page(rows: Sequence[Mapping[str, Any]], traces: Mapping[tuple, Trace],
 # ---------------------------------------------------------------------------------------------------
 # The end-to-end check: real `study run`s of the same space and table settings.
 
-STUDY_SAMPLERS = {  # arm -> (study.sampler, study.sampler_options) of a study that runs it
-    "random": ("random", {}),
-    "tpe": ("tpe", {"multivariate": True, "group": True, "constant_liar": True}),
-    "tpe_plain": ("tpe", {}),
-    "nsga2_p4": ("nsga2", {"population_size": 4}),
-    "nsga2_p8": ("nsga2", {"population_size": 8}),
-    "nsga2_p16": ("nsga2", {"population_size": 16}),
-    "gp": ("gp", {}),
+STUDY_SAMPLERS = {  # arm -> (study.sampler, study.sampler_options, study.stratify) of a study that runs it
+    "random": ("random", {}, ""),
+    "tpe": ("tpe", {"multivariate": True, "group": True, "constant_liar": True}, ""),
+    "tpe_plain": ("tpe", {}, ""),
+    "nsga2_p4": ("nsga2", {"population_size": 4}, ""),
+    "nsga2_p8": ("nsga2", {"population_size": 8}, ""),
+    "nsga2_p16": ("nsga2", {"population_size": 16}, ""),
+    "gp": ("gp", {}, ""),
+    "stratified_tpe": ("tpe", {"multivariate": True, "group": True, "constant_liar": True}, "prune.keep_fraction"),
+    "stratified_tpe_plain": ("tpe", {}, "prune.keep_fraction"),
 }
 
 
@@ -167,7 +169,7 @@ def arm_space(arm: str, folder: Path) -> Path:
     import yaml
 
     raw = yaml.safe_load(search_table.SPACE.read_text())
-    raw["study"]["sampler"], raw["study"]["sampler_options"] = STUDY_SAMPLERS[arm]
+    raw["study"]["sampler"], raw["study"]["sampler_options"], raw["study"]["stratify"] = STUDY_SAMPLERS[arm]
     path = folder / f"space_{arm}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# search_spaces/quickstart.yaml with the {arm} arm's sampler ({MODULE})\n"
@@ -211,7 +213,7 @@ def end_to_end(arm_names: Sequence[str], seeds: Sequence[int] = E2E_SEEDS, n_tri
     return out
 
 
-DEFAULT_ARM = "tpe"  # what `study.sampler` defaults to (study.search.optimize.space): the winner of this benchmark
+DEFAULT_ARM = "stratified_tpe_plain"  # what `study.sampler` defaults to (study.search.optimize.space): the winner of this benchmark
 
 
 def label_of(name: str) -> str:
@@ -261,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         run(names, 2, CONCURRENCY, 16, args.out)
         return 0
     names = args.arms or list(arms())
-    rows, traces = run(names, args.seeds, CONCURRENCY, N_MAX, args.out or OUT)
-    e2e = [] if args.no_end_to_end else end_to_end([DEFAULT_ARM, "random"])
+    # the real studies (subprocesses) run in a thread beside the replays (this process)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None if args.no_end_to_end else pool.submit(end_to_end, [DEFAULT_ARM, "random"])
+        rows, traces = run(names, args.seeds, CONCURRENCY, N_MAX, args.out or OUT)
+        e2e = pending.result() if pending is not None else []
     if e2e:
         common.write_csv(E2E_OUT, e2e)
     page = write_page(rows, traces, [arms()[n] for n in names], DEFAULT_ARM, args.seeds,

@@ -111,8 +111,11 @@ def arms() -> dict[str, Arm]:
             note="GPSampler (multi-objective: LogEHVI); 5 seeds, 32 trials: ~80 s of CPU per replay", max_seeds=5,
             n_max=32),
         Arm("stratified_tpe", _tpe, stratify=True, note="keep fraction stratified on a log scale, TPE for the rest"),
+        Arm("stratified_tpe_plain", lambda seed: s.TPESampler(seed=seed), stratify=True,
+            note="keep fraction stratified on a log scale, TPE with Optuna's defaults for the rest"),
         Arm("random+mf", lambda seed: s.RandomSampler(seed=seed), mf=True, note="random with rung stopping"),
-        Arm("tpe+mf", _tpe, mf=True, note="tpe with rung stopping"),
+        Arm("stratified_tpe_plain+mf", lambda seed: s.TPESampler(seed=seed), stratify=True, mf=True,
+            note="stratified_tpe_plain with rung stopping"),
     ]
     return {a.name: a for a in out}
 

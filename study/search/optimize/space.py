@@ -28,6 +28,7 @@ from study.search.front.robust_settings import (CONFIRM_DEFAULT, BaselineSetting
 from study.search.optimize import samplers
 from study.search.optimize.objectives import DEFAULT_OBJECTIVES, Objective, check_suite_objectives, parse_objectives
 from study.search.optimize.rungs import RungRule, parse_rungs
+from study.search.optimize.stratify import resolve_stratify
 from study.trial.config import TrialConfig, build, in_range, merge, read_yaml, trial_from_dict, unflatten
 from study.trial.strict_yaml import refuse_non_finite
 
@@ -98,9 +99,9 @@ class StudySettings:
     # at that epoch (study.search.optimize.rungs); it is PRUNED, never in the front. None/false = every trial
     # runs in full
     early_stop: RungRule | None = field(default=None, metadata={"parse": parse_rungs})
-    # a searched float/int key (e.g. prune.keep_fraction) drawn on a shifted low-discrepancy grid over its range
-    # instead of by the sampler (study.search.optimize.stratify); "" = the sampler draws every key
-    stratify: str = ""
+    # a searched number on a low-discrepancy grid, not the sampler's (study.search.optimize.stratify); "auto":
+    # prune.keep_fraction where searched so (the search benchmark's winner, docs/results.md); "": off
+    stratify: str = "auto"
 
     def __post_init__(self) -> None:
         # suite objectives take the suite's spelling (robust.l2.1.0 -> robust.l2.1) and need their section
@@ -236,12 +237,7 @@ def parse_space(data: Mapping[str, Any], path: str = "<memory>") -> SearchSpace:
     params = [_parse_param(key, spec, trial, base) for key, spec in data["search"].items()]
     if not params:
         raise ConfigError("search", "no parameter to search; add at least one (e.g. prune.keep_fraction)")
-    if settings.stratify:
-        p = next((q for q in params if q.key == settings.stratify), None)
-        numbers = [q.key for q in params if q.kind in ("float", "int") and not q.when]
-        if p is None or p.kind not in ("float", "int") or p.when:
-            raise ConfigError("study.stratify", f"{settings.stratify!r} is not a searched number without a `when` "
-                              f"condition; one of: {', '.join(numbers) or '(none)'}")
+    settings = resolve_stratify(settings, params)
     return SearchSpace(path=str(path), study=settings, trial=trial, params=_ordered(params), raw=dict(data))
 
 

@@ -9,9 +9,26 @@ parameter (Optuna's `enqueue_trial`), so the sampler still models it with the ot
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-from typing import Any
+from typing import Any, Sequence
+
+AUTO = "prune.keep_fraction"  # what `study.stratify: auto` (the default) draws on its grid where it is searched
+
+
+def resolve_stratify(settings: Any, params: Sequence[Any]) -> Any:
+    """The StudySettings with `stratify` resolved ("auto": AUTO where it is a searched number without a `when`,
+    else off) and checked: a named key must be a searched float/int without a `when` condition."""
+    from study.errors import ConfigError
+
+    numbers = [q.key for q in params if q.kind in ("float", "int") and not q.when]
+    if settings.stratify == "auto":
+        settings = dataclasses.replace(settings, stratify=AUTO if AUTO in numbers else "")
+    if settings.stratify and settings.stratify not in numbers:
+        raise ConfigError("study.stratify", f"{settings.stratify!r} is not a searched number without a `when` "
+                          f"condition; one of: {', '.join(numbers) or '(none)'}")
+    return settings
 
 
 def van_der_corput(i: int) -> float:
