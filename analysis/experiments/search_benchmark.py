@@ -97,6 +97,46 @@ def e2e_lines(e2e: Sequence[Mapping[str, Any]], by: Mapping[tuple, list[float]])
     return lines + [""]
 
 
+PLOT = ROOT / "docs" / "results" / "search_benchmark.png"
+PLOTTED = ("random", "default", "default+mf", "tpe_plain", "nsga2_p4")
+
+
+def plot(traces: Mapping[tuple, Trace], path: Path = PLOT) -> Path:
+    """Validation hypervolume against trials and against epochs, mean and 95% band over seeds, per concurrency."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(2, len(CONCURRENCY), figsize=(11, 7.5), constrained_layout=True, squeeze=False)
+    for col, c in enumerate(CONCURRENCY):
+        for name in PLOTTED:
+            seeds = sorted(sd for (nm, sd, cc) in traces if nm == name and cc == c)
+            if len(seeds) < 2:
+                continue
+            for row, (xs, label) in enumerate(((list(range(8, N_MAX + 1, 2)), "trials finished"),
+                                               (list(range(48, N_MAX * EPOCHS + 1, 12)), "epochs used"))):
+                per_seed = np.array([[_hv_at(traces[(name, sd, c)], x, by_epochs=row == 1) for x in xs]
+                                     for sd in seeds])
+                m = per_seed.mean(0)
+                h = np.array([mean_ci(per_seed[:, i])[1] for i in range(len(xs))])
+                ax = axes[row][col]
+                ax.plot(xs, m, label=name, lw=2.2 if name == "default" else 1.2)
+                ax.fill_between(xs, m - h, m + h, alpha=0.15)
+                ax.set_xlabel(label)
+                ax.set_ylabel("validation hypervolume")
+                ax.set_title(f"concurrency {c}: against {label}")
+                ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _hv_at(trace: Trace, x: int, by_epochs: bool) -> float:
+    if by_epochs:
+        return hv_at_epochs(trace, x)
+    done = [t for _, ok, _, t in trace.finished[:x] if ok]
+    return hypervolumes(done)[0]
+
+
 def write_page(rows: Sequence[Mapping[str, Any]], traces: Mapping[tuple, Trace], arm_list: Sequence[Arm],
                default: str, n_seeds: int, command: str, wall_s: float, started: datetime,
                e2e: Sequence[Mapping[str, Any]] = ()) -> Path:
@@ -109,7 +149,8 @@ def write_page(rows: Sequence[Mapping[str, Any]], traces: Mapping[tuple, Trace],
              f"{n_seeds} seeds per arm, concurrency {' and '.join(map(str, CONCURRENCY))}. Hypervolume of "
              "(kept fraction: min, validation PGD-10 robust accuracy: max) against (1, 0); test hypervolume: the "
              "validation front at its test figures (PGD-10, whole test split).", "",
-             f"The arm named `default` is `{default}`, what `study.sampler` defaults to and the shipped spaces use.", ""]
+             f"The arm named `default` is `{default}`, what `study.sampler` defaults to and the shipped spaces use.", "",
+             f"![hypervolume against trials and epochs](results/{plot(traces).name})", ""]
     for c in CONCURRENCY:
         lines += [f"**Concurrency {c}**: mean validation hypervolume (95% interval half-width) against trials", "",
                   "| arm | " + " | ".join(f"{n} trials" for n in (8, 16, 32, 64)) + " | test HV at 32 |",
