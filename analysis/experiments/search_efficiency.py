@@ -7,7 +7,7 @@ This module is over 400 lines because it is one experiment read top to bottom: t
 
 The quickstart study (search_spaces/quickstart.yaml: digits, small CNN, 6 searched keys) with the same trial
 budget N for every arm, N = the grid's size (32):
-- nsga2:  the shipped search (NSGA-II, population 4), `study run` with study.seed = the search seed;
+- nsga2:  NSGA-II, population 4 (the quickstart's sampler until the search benchmark), `study run` with study.seed = the search seed;
 - tpe:    multi-objective TPE (Optuna's defaults: 10 random start-up trials), the same;
 - random: Optuna's random sampler, the same;
 - grid:   the grid a user writes by hand, Merkle-style: keep fraction {0.02, 0.05, 0.1, 0.25} x score init
@@ -58,12 +58,12 @@ KEY = "search_efficiency"
 MODULE = "analysis.experiments.search_efficiency"
 SPACE = ROOT / "search_spaces" / "quickstart.yaml"
 SAMPLERS = {  # arm -> the --set lines that choose its sampler (the rest of quickstart.yaml as shipped)
-    "nsga2": ["study.sampler=nsga2", "study.sampler_options={population_size: 4}"],
-    "tpe": ["study.sampler=tpe", "study.sampler_options=null"],  # Optuna's defaults: 10 random start-up trials
-    "random": ["study.sampler=random", "study.sampler_options=null"],
+    "nsga2": ["study.sampler=nsga2", "study.sampler_options={population_size: 4}", 'study.stratify=""'],
+    "tpe": ["study.sampler=tpe", "study.sampler_options=null", 'study.stratify=""'],  # Optuna's defaults
+    "random": ["study.sampler=random", "study.sampler_options=null", 'study.stratify=""'],
 }
 ARMS = (*SAMPLERS, "grid")
-LABELS = {"nsga2": "NSGA-II (shipped)", "tpe": "TPE", "random": "random", "grid": "hand-written grid"}
+LABELS = {"nsga2": "NSGA-II (population 4)", "tpe": "TPE", "random": "random", "grid": "hand-written grid"}
 COLORS = {"nsga2": "tab:blue", "tpe": "tab:purple", "random": "tab:orange", "grid": "tab:green"}
 MODES = ("min", "max")  # (params_kept / params_total, val_robust_acc)
 REFERENCE = (1.0, 0.0)  # the dense model's size, zero robust accuracy: hypervolume in [0, 1]

@@ -1,6 +1,6 @@
 """The search benchmark's machinery (analysis.experiments.search_benchmark runs it and writes the page): the
 table of real trials as replicates per cell, the sampler arms, the ask/tell replay at a concurrency, hypervolumes
-and the seed statistics. Tune-free and Ray-free: one replay takes seconds (the GP arm: ~80 s at 32 trials)."""
+and the seed statistics. Tune-free and Ray-free: one replay takes seconds (the GP arm: ~20 s at 32 trials)."""
 from __future__ import annotations
 
 import functools
@@ -108,7 +108,7 @@ def arms() -> dict[str, Arm]:
         Arm("nsga2_p16", lambda seed: s.NSGAIISampler(seed=seed, population_size=16),
             note="NSGA-II, population 16"),
         Arm("gp", lambda seed: s.GPSampler(seed=seed, warn_independent_sampling=False),
-            note="GPSampler (multi-objective: LogEHVI); 5 seeds, 32 trials: ~80 s of CPU per replay", max_seeds=5,
+            note="GPSampler (multi-objective: LogEHVI); 5 seeds, 32 trials: ~20 s per replay", max_seeds=5,
             n_max=32),
         Arm("stratified_tpe", _tpe, stratify=True, note="keep fraction stratified on a log scale, TPE for the rest"),
         Arm("stratified_tpe_plain", lambda seed: s.TPESampler(seed=seed), stratify=True,
