@@ -146,7 +146,7 @@ def write_page(rows: Sequence[Mapping[str, Any]], traces: Mapping[tuple, Trace],
                e2e: Sequence[Mapping[str, Any]] = ()) -> Path:
     s = summarize(rows, traces, default, n_seeds)
     by = s["by"]
-    lines = [common.stamp(command, range(n_seeds), wall_s, started) + ".", "",
+    lines = [common.stamp(command, range(n_seeds), wall_s, started), "",
              f"Table: docs/results/search_table.csv ({sum(len(v) for v in load_table().values())} real trials of "
              "the quickstart space at snapped levels, 2 trial seeds per cell; `python -m "
              "analysis.experiments.search_table`). Replays: Optuna ask/tell with the study's own search space, "
