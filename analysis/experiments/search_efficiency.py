@@ -122,7 +122,7 @@ def grid_space(z: Sizing, path: Path) -> Path:
         section, leaf = key.split(".", 1)
         trial.setdefault(section, {})[leaf] = value
     raw["study"] = {**raw.get("study", {}), "name": "quickstart_grid", "sampler": "random", "sampler_options": {},
-                    "n_trials": z.n_trials}
+                    "stratify": "", "n_trials": z.n_trials}
     raw["search"] = {key: {"choice": list(values)} for key, values in z.grid}
     head = (f"# The hand-written grid of the search-efficiency experiment ({MODULE}), made from\n"
             f"# search_spaces/quickstart.yaml: {' x '.join(str(len(v)) for _, v in z.grid)} = {z.n_trials} cells, "
