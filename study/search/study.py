@@ -192,7 +192,7 @@ class Study:
         parent = ParentRun(functools.partial(study_mlflow.open_parent_run, self, tracker))
         try:
             if dense is not None:
-                self._search(remaining, cpus, gpus, tracker, dense, parent)
+                self._search(optuna_study, remaining, cpus, gpus, tracker, dense, parent)
         except BaseException:
             parent.join()  # nothing writes to MLflow while the error unwinds (a new study is removed)
             raise
@@ -218,10 +218,11 @@ class Study:
                 run_baselines(self, optuna_study, tracker, cpus, gpus)
         return self.finish(optuna_study, tracker)
 
-    def _search(self, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any, parent: Any) -> None:
+    def _search(self, optuna_study: Any, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any,
+                parent: Any) -> None:
         from study.search.running.warmup import wait_report
 
-        self._tuner(remaining, cpus, gpus, tracker, dense, parent).fit()
+        self._tuner(optuna_study, remaining, cpus, gpus, tracker, dense, parent).fit()
         wait_report()  # the report's imports, started when the last trials ran (study.search.running.warmup)
         if not dense.poll():  # the search ended before the dense model (Ctrl-C, time budget): no trial ran
             dense.cancel()
@@ -241,7 +242,8 @@ class Study:
     def _custom_runs_dir(self) -> bool:
         return self.paths.remote or Path(self.manifest.runs_dir).resolve() != Path("runs").resolve()
 
-    def _tuner(self, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any, parent: Any) -> Any:
+    def _tuner(self, optuna_study: Any, remaining: int, cpus: float, gpus: float, tracker: Any, dense: Any,
+               parent: Any) -> Any:
         """A new Tuner, for a run and a resume alike: the searcher reads the Optuna storage (see the module
         docstring). Tune's folder of an earlier run is scratch: it is removed, never read."""
         from ray import tune
@@ -258,9 +260,7 @@ class Study:
             log.info("replacing Tune's folder of an earlier run, %s (scratch)", self.paths.experiment_location)
             self.paths.remove_experiment()
         s = self.space.study
-        from study.search.optimize.optuna_search import load_optuna_study
-
-        rungs = self.rung_scheduler(load_optuna_study(self.manifest.storage, s.name, self.space))
+        rungs = self.rung_scheduler(optuna_study)
         reasons = rungs.reasons if rungs is not None else None
         return tune.Tuner(
             self.trainable(cpus, gpus, dense),
