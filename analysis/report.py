@@ -288,12 +288,13 @@ def log_report(tracker: Any, run_id: str, folder: Path, metrics: Mapping[str, fl
 
         try:
             version = register_recommended(tracker.client, tracker.experiment_id, space.study.name,
-                                           tags["recommended_run_id"], [p.run_id for p in data.front if p.run_id])
+                                           tags["recommended_run_id"], [p.run_id for p in data.front if p.run_id],
+                                           tracking_uri=tracker.tracking_uri)
         except Exception as e:  # noqa: BLE001 - a registry that refuses loses the alias, not the report
             log.warning("report: could not register the recommended model: %s", e)
         else:
-            if version is None:  # trial models are logged as MLflow models only with study.log_models
-                log.debug("report: the recommended trial's MLflow run has no logged model: nothing registered")
+            if version is None:  # e.g. a bucket study whose runs reference their models (model_by_reference)
+                log.info("report: the recommended trial's MLflow run has no logged model: nothing registered")
             else:
                 print(f"recommended model registered: models:/{space.study.name}@recommended (version {version})",
                       flush=True)

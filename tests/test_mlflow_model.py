@@ -69,3 +69,38 @@ def test_study_evaluate_reads_only_the_weights_of_a_registered_model(logged, tmp
             assert torch.equal(a, b), k
     with pytest.raises(UserError, match="no such model"):
         resolve("models:/nope@recommended", uri, tmp_path / "nope")
+
+
+def test_a_copied_store_reads_its_own_logged_models(tmp_path):
+    """A runs folder copied elsewhere: relocate_store points the logged models (and registered versions) at the
+    copy's artifacts, so `study evaluate models:/...` reads the copy's weights, not the original's."""
+    import shutil
+
+    import mlflow
+
+    from study.search.recording.study_mlflow import relocate_store
+
+    cfg = load_trial(ROOT / "configs" / "trial_digits.yaml")
+    original = tmp_path / "a" / "runs"
+    (original / "mlartifacts").mkdir(parents=True)
+    model = create_model("small_cnn", dataset_info("digits")).eval()
+    sparse_file.save(model.state_dict(), tmp_path / "model.pt")
+    uri = f"sqlite:///{original / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("copied", artifact_location=(original / "mlartifacts" / "copied").as_uri())
+    run = client.create_run(exp).info.run_id
+    model_id = log_trial_model(run, tmp_path / "model.pt", cfg.to_dict(), {"params_kept": 1.0}, tracking_uri=uri)
+    from study.trial.mlflow_model import register_recommended
+
+    assert register_recommended(client, exp, "copied", run, [run], tracking_uri=uri) == "1"
+    assert client.get_logged_model(model_id).tags["front"] == "true"
+    copy = tmp_path / "b" / "runs"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)  # the original is gone: only the copy's files can be read
+    copy_uri = f"sqlite:///{copy / 'mlflow.db'}"
+    assert relocate_store(copy_uri, "copied", copy / "mlartifacts" / "copied")
+    moved = mlflow.MlflowClient(copy_uri)
+    assert moved.get_logged_model(model_id).artifact_location.startswith((copy / "mlartifacts").as_uri())
+    for text in (f"models:/{model_id}", "models:/copied/1", f"runs:/{run}"):
+        target = resolve(text, copy_uri, tmp_path / "scratch" / text.replace("/", "_").replace(":", ""))
+        assert target.model_path.read_bytes() == (tmp_path / "model.pt").read_bytes()

@@ -357,10 +357,14 @@ def test_finished_trial_run_references_its_model_in_the_study_bucket_else_stores
                 targets.resolve(f"runs:/{run_id}", tracking, tmp_path / "scratch2")
         else:
             assert _objects_holding(BUCKET, model) == [in_study]
-            assert logged == {"model/model.pt", "model/result.json"}  # today's behaviour: the bytes logged
+            assert logged == {"model/result.json"}  # the bytes are logged once, as the run's MLflow model
             assert MODEL_URI_TAG not in run.data.tags
-            copy = Path(client.download_artifacts(run_id, "model/model.pt", str(tmp_path / "dl")))
-            assert copy.read_bytes() == model
+            from study.trial.mlflow_model import logged_model_of_run
+
+            logged_model = logged_model_of_run(client, run.info.experiment_id, run_id)
+            assert logged_model is not None and logged_model.tags["optuna_trial_number"] == "3"
+            target = targets.resolve(f"runs:/{run_id}", tracking, tmp_path / "scratch")  # the logged model's file
+            assert target.model_path.read_bytes() == model and target.config == cfg
             if where == "other bucket":
                 assert len(_objects_holding(other, model)) == 1
             else:

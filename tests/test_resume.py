@@ -77,6 +77,40 @@ def test_resume_unpickles_nothing_from_the_study_folder(tmp_path):
     assert (experiment / "tuner.pkl").read_bytes() != evil
 
 
+@pytest.mark.usefixtures("local_ray")
+def test_a_trial_done_in_optuna_but_running_in_mlflow_is_finished_on_resume(tmp_path):
+    """A driver killed after Optuna's tell and before the MLflow callback ended the trial leaves its run RUNNING
+    without its model: the resume finishes it (FINISHED, its model logged), it is not marked KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    ray = sys.modules["ray"]
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    runs = tmp_path / "runs"
+    trial = functools.partial(fake_run_trial, interrupt=(1, os.getpid(), str(tmp_path / "interrupted")))
+    assert run_study(_space(), runs_dir=runs, final_eval=False, pretrain=fake_pretrain,
+                     run_trial=trial).status == "interrupted"
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart").experiment_id
+    run = client.search_runs([exp], filter_string="tags.optuna_trial_number = '0'")[0]
+    assert run.info.status == "FINISHED"
+    client.update_run(run.info.run_id, status="RUNNING")  # the kill came before the callback ended the run
+    from study.trial import sparse_file
+    from study.trial.config import load_trial
+    from study.trial.data import dataset_info
+    from study.trial.models import create_model
+
+    cfg = load_trial(ROOT / "configs" / "trial_digits.yaml")  # the fake trial wrote no model: a real one
+    folder = runs / "quickstart" / "trials" / "0000"
+    sparse_file.save(create_model(cfg.model.arch, dataset_info(cfg.data.name)).state_dict(), folder / "model.pt")
+    (folder / "result.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": {"params_kept": 7.0}}))
+    again = resume_study("quickstart", runs_dir=runs, final_eval=False, pretrain=fake_pretrain, run_trial=trial)
+    assert again.status == "complete" and again.complete == 3
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    logged = client.search_logged_models([exp], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in logged] == ["quickstart-0000"]
+    assert {x.key: x.value for x in logged[0].metrics} == {"params_kept": 7.0}
+
+
 def _hand_made_study(runs: Path, name: str = "quickstart", storage: str = "optuna.db") -> Path:
     """A study folder as `study run` leaves it (manifest, space), with no Optuna storage yet."""
     folder = runs / name

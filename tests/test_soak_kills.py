@@ -226,7 +226,9 @@ def soak(cluster, tmp_path: Path, kind: str, kills: int, seed: int) -> dict:
             if kind == "driver-sigkill" and killed:
                 assert rc == -signal.SIGKILL, (rc, tail(log))
             elif kind == "driver-sigint" and killed:
-                assert rc in (0, 130), (rc, tail(log))  # 0: the study ended as the signal came
+                # 0: the study ended as the signal came; -SIGINT: it came during the interpreter's exit, after
+                # Python put back the default handler (a shell shows 130 for both that and a handled Ctrl-C)
+                assert rc in (0, 130, -signal.SIGINT), (rc, tail(log))
                 assert "Traceback" not in log.read_text(errors="replace"), tail(log)
             else:
                 assert rc == 0, (rc, tail(log))

@@ -277,10 +277,14 @@ def test_quickstart_on_digits_with_the_real_pipeline(tmp_path):
     assert (out / "model.pt").is_file() and (out / "result.json").is_file()
     assert 0 < best.user_attrs["params_kept"] < best.user_attrs["params_total"]
     assert best.user_attrs["val_points"] == 100 and not any(k.startswith("test") for k in best.user_attrs)
-    # the nested MLflow run carries the exported model and the node that ran the trial
+    # the nested MLflow run carries the exported model (a logged model) and the node that ran the trial
     client, parent, children = _mlflow(tmp_path)
     run = next(r for r in children if r.data.tags.get("optuna_trial_number") == str(best.number))
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/result.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/result.json"}
+    logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in logged] == [f"quickstart-{best.number:04d}"]  # the model: an MLflow model of the run
+    recommended = client.get_model_version_by_alias("quickstart", "recommended")  # registered by the report
+    assert recommended.run_id == parent[0].data.tags["recommended_run_id"]
     assert run.data.tags.get("ray_node_id")
     # the front's test-split confirmation
     confirm = json.loads((out / "confirm.json").read_text())

@@ -122,7 +122,15 @@ def _from_run(text: str, run_id: str, tracking_uri: str, scratch: Path) -> Targe
         run = client.get_run(run_id)
     except MlflowException:
         raise UserError(f"{text}: no MLflow run {run_id} in {tracking_uri}") from None
-    files = _artifacts(client, run_id)
+    from study.trial.mlflow_model import logged_model_of_run
+
+    try:
+        logged = logged_model_of_run(client, run.info.experiment_id, run_id)
+    except MlflowException:  # a store without logged models (an older server)
+        logged = None
+    if logged is not None:  # the trial's MLflow model: its weights file and config
+        return _from_logged_model(text, logged, tracking_uri, scratch)
+    files = _artifacts(client, run_id)  # older runs: model/model.pt (or a reference to it) as a plain artifact
     by_name: dict[str, list[str]] = {}
     for f in files:
         by_name.setdefault(f.rsplit("/", 1)[-1], []).append(f)
@@ -158,8 +166,6 @@ def _from_model(text: str, tracking_uri: str, scratch: Path) -> Target:
     torch's weights-only loader, and the trial config as JSON); the model's code is never run."""
     from mlflow.exceptions import MlflowException
 
-    from study.trial.mlflow_model import CONFIG_FILE, WEIGHT_FILE
-
     client = mlflow_client(tracking_uri)
     ref = text[len("models:/"):].strip("/")
     try:
@@ -178,11 +184,20 @@ def _from_model(text: str, tracking_uri: str, scratch: Path) -> Target:
     except MlflowException as e:
         first = (str(e).strip().splitlines() or ["not found"])[0]
         raise UserError(f"{text}: no such model in {tracking_uri} ({first})") from None
+    return _from_logged_model(text, model, tracking_uri, scratch)
+
+
+def _from_logged_model(text: str, model: Any, tracking_uri: str, scratch: Path) -> Target:
+    """A Target from a logged trial model's two artifacts (downloaded into `scratch`)."""
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from study.trial.mlflow_model import CONFIG_FILE, WEIGHT_FILE
 
     try:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location.rstrip('/')}/artifacts",
-                                                          dst_path=str(scratch / model_id), tracking_uri=tracking_uri))
+                                                          dst_path=str(scratch / model.model_id),
+                                                          tracking_uri=tracking_uri))
     except (MlflowException, OSError) as e:
         raise UserError(f"{text}: its artifacts could not be read ({e})") from None
     weights, config_file = folder / WEIGHT_FILE, folder / CONFIG_FILE  # folder: the model's artifacts/

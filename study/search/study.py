@@ -208,6 +208,7 @@ class Study:
         reason = ("stopped by the study's time budget" if budget_spent else
                   "the search ended while it was RUNNING (a bug: please report it)")
         fail_running(optuna_study, self.manifest.storage, reason, expected=budget_spent)
+        study_mlflow.finish_done_runs(self, optuna_study, tracker)  # a driver killed between Optuna and MLflow
         tracker.close_trial_runs(self.manifest.parent_run_id, "KILLED", reason)
         study_mlflow.record_unstarted(self, optuna_study, tracker)
         if self.final_eval:

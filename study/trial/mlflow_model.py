@@ -14,9 +14,10 @@ normalizes itself); the output, the logits.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class TrialModel:
         state = load_state(context.artifacts[WEIGHTS])  # torch's weights-only loader
         self.model = load_exported(cfg, state, dataset_info(cfg.data.name), "cpu")
 
-    def predict(self, context: Any, model_input: Any, params: Any = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read a schema from them
         import torch
 
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
@@ -69,9 +70,12 @@ def signature(cfg: Any) -> tuple[Any, np.ndarray]:
 
 
 def log_trial_model(run_id: str, weights: Path, config: Mapping[str, Any], metrics: Mapping[str, float],
-                    tags: Mapping[str, str] | None = None) -> str:
-    """Log a trial's model to its MLflow run (the tracking URI must be set); its metrics attached to the model.
-    Returns the logged model's id."""
+                    tags: Mapping[str, str] | None = None, tracking_uri: str | None = None, step: int = 0,
+                    name: str = "trial-model") -> str:
+    """Log a trial's model to its MLflow run under `name` (the Models tab's name, e.g. quickstart-0003: not
+    `model`, the run's artifact folder of result.json, which MLflow would resolve to the logged model), its
+    metrics attached to the model at `step` (the trial's last step). `tracking_uri`: the store (default: MLflow's current one; the process's setting is restored after).
+    Leaves the run FINISHED (the caller sets its final status). Returns the logged model's id."""
     import tempfile
 
     import mlflow
@@ -82,18 +86,68 @@ def log_trial_model(run_id: str, weights: Path, config: Mapping[str, Any], metri
     sig, example = signature(cfg)
     if Path(weights).name != WEIGHT_FILE:
         raise ValueError(f"{weights}: the weights file must be named {WEIGHT_FILE}")
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_file = Path(tmp) / CONFIG_FILE
-        cfg_file.write_text(json.dumps(dict(config), indent=1))
-        with mlflow.start_run(run_id=run_id, nested=True):
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(CODE_FILE),
-                                           artifacts={WEIGHTS: str(weights), CONFIG: str(cfg_file)},
-                                           signature=sig, input_example=example, pip_requirements=_requirements(),
-                                           tags=dict(tags or {}), model_type="robust-pruned")
-            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if numeric:
-                mlflow.log_metrics(numeric, model_id=info.model_id)
+    quiet = _Quiet()  # MLflow's per-model INFO line and download progress bars, in the study driver's log
+    try:
+        with tempfile.TemporaryDirectory() as tmp, using_store(tracking_uri):
+            cfg_file = Path(tmp) / CONFIG_FILE
+            cfg_file.write_text(json.dumps(dict(config), indent=1))
+            with mlflow.start_run(run_id=run_id, nested=True):
+                info = mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE),
+                                               artifacts={WEIGHTS: str(weights), CONFIG: str(cfg_file)},
+                                               signature=sig, input_example=example,
+                                               pip_requirements=_requirements(), tags=dict(tags or {}),
+                                               model_type="robust-pruned")
+                numeric = {k: float(v) for k, v in metrics.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                if numeric:
+                    mlflow.log_metrics(numeric, step=int(step), model_id=info.model_id)
+    finally:
+        quiet.restore()
     return info.model_id
+
+
+@contextlib.contextmanager
+def using_store(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `tracking_uri` for the block (None: left as it is), then put
+    back: MLflow resolves `models:/` sources and logs models through that setting, whatever client is used."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+class _Quiet:
+    """While a model is logged: MLflow's INFO lines ("Validating input example ...") and its artifact download
+    progress bars off (warnings stay); restore() puts back what was there."""
+
+    LOGGERS = ("mlflow.pyfunc", "mlflow.models", "mlflow.models.model")
+    BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+    def __init__(self) -> None:
+        import logging
+        import os
+
+        self.levels = {n: logging.getLogger(n).level for n in self.LOGGERS}
+        for n in self.LOGGERS:
+            logging.getLogger(n).setLevel(max(logging.WARNING, self.levels[n]))
+        self.bar = os.environ.get(self.BAR)
+        os.environ[self.BAR] = "false"
+
+    def restore(self) -> None:
+        import logging
+        import os
+
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
+        if self.bar is None:
+            os.environ.pop(self.BAR, None)
+        else:
+            os.environ[self.BAR] = self.bar
 
 
 def _requirements() -> list[str]:
@@ -112,17 +166,22 @@ def _requirements() -> list[str]:
 RECOMMENDED_ALIAS = "recommended"
 
 
+def logged_model_of_run(client: Any, experiment_id: str, run_id: str) -> Any | None:
+    """The model a trial run logged (its first, should there be several), or None."""
+    found = client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": True}])
+    return found[0] if found else None
+
+
 def register_recommended(client: Any, experiment_id: str, name: str, recommended_run_id: str,
-                         front_run_ids: Any = ()) -> str | None:
+                         front_run_ids: Any = (), tracking_uri: str | None = None) -> str | None:
     """Tag the front's logged models (`front: true`) and register the recommended trial's model in the Model
     Registry under `name` with the alias `recommended` (a new version only when the alias points elsewhere).
     Returns the registered version, None when the recommended run has no logged model (nothing registered)."""
     from mlflow.exceptions import MlflowException
 
-    models: dict[str, Any] = {}
-    for m in client.search_logged_models(experiment_ids=[experiment_id]):
-        if m.source_run_id:
-            models.setdefault(m.source_run_id, m)
+    models = {run_id: m for run_id in {*front_run_ids, recommended_run_id}
+              if (m := logged_model_of_run(client, experiment_id, run_id)) is not None}
     for run_id in front_run_ids:
         if run_id in models:
             client.set_logged_model_tags(models[run_id].model_id, {"front": "true"})
@@ -141,6 +200,7 @@ def register_recommended(client: Any, experiment_id: str, name: str, recommended
                                        f"'{RECOMMENDED_ALIAS}': the report's recommendation")
     except MlflowException:
         pass  # it exists
-    version = client.create_model_version(name, source, run_id=recommended_run_id, model_id=chosen.model_id)
+    with using_store(tracking_uri):  # the registry resolves models:/<id> through MLflow's process-wide store
+        version = client.create_model_version(name, source, run_id=recommended_run_id, model_id=chosen.model_id)
     client.set_registered_model_alias(name, RECOMMENDED_ALIAS, version.version)
     return str(version.version)

@@ -83,6 +83,42 @@ def callbacks(st: Study, tracker: Any, parent: Any = None, stop_reasons: Any = N
             ReportPreload(st.space.study.n_trials)]
 
 
+def finish_done_runs(st: Study, optuna_study: Any, tracker: Any) -> int:
+    """Nested runs still RUNNING whose Optuna trial is done: a driver killed between Optuna's tell and the MLflow
+    callback's end of the trial leaves them so. A COMPLETE trial's run gets its outputs (its MLflow model, unless
+    it has one, and result.json) and FINISHED; a PRUNED one KILLED with optuna_state; a FAIL one FAILED with its
+    reason. Returns how many were finished."""
+    from optuna.trial import TrialState
+
+    from study.trial.mlflow_model import logged_model_of_run
+
+    parent = st.manifest.parent_run_id
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=
+                                      f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
+    done = {t.number: t for t in optuna_study.get_trials(deepcopy=False, states=(
+        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))}
+    finished = 0
+    for run in runs:
+        number = run.data.tags.get(NUMBER_KEY, "")
+        t = done.get(int(number)) if number.lstrip("-").isdigit() else None
+        if t is None:
+            continue
+        run_id = run.info.run_id
+        if t.state == TrialState.COMPLETE:
+            if logged_model_of_run(tracker.client, tracker.experiment_id, run_id) is None:
+                callback(st, tracker).log_outputs(run_id, t.number)
+            tracker.finish(run_id, "FINISHED")
+        elif t.state == TrialState.PRUNED:
+            tracker.log_batch(run_id, tags={"optuna_state": "PRUNED",
+                                            "stop_reason": str(t.user_attrs.get("stop_reason", ""))[:500]})
+            tracker.finish(run_id, "KILLED")
+        else:
+            tracker.log_batch(run_id, tags={"fail_reason": str(t.user_attrs.get("fail_reason", "failed"))[:500]})
+            tracker.finish(run_id, "FAILED")
+        finished += 1
+    return finished
+
+
 def record_unstarted(st: Study, optuna_study: Any, tracker: Any) -> None:
     """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
     from optuna.trial import TrialState
@@ -127,7 +163,7 @@ def store_problem(tracking_uri: str) -> str | None:
 
 def relocate_store(tracking_uri: str, experiment: str, artifact_root: Path) -> bool:
     """A local MLflow store copied or moved with its runs folder still names the old folder as the artifact
-    location of its experiment and runs (MLflow stores them absolute): point them at `artifact_root`, so
+    location of its experiment, runs, logged models and model versions (MLflow stores them absolute): point them at `artifact_root`, so
     artifacts of a copied study are never written into the original. Returns whether anything moved."""
     import logging
     import sqlite3
@@ -149,6 +185,11 @@ def relocate_store(tracking_uri: str, experiment: str, artifact_root: Path) -> b
                         "WHERE substr(artifact_location, 1, ?) = ?", (new_prefix, n + 1, n, old_prefix))
             con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
                         "WHERE substr(artifact_uri, 1, ?) = ?", (new_prefix, n + 1, n, old_prefix))
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, column in (("logged_models", "artifact_location"), ("model_versions", "storage_location")):
+                if table in tables:  # the trials' MLflow models and their registered versions
+                    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                f"WHERE substr({column}, 1, ?) = ?", (new_prefix, n + 1, n, old_prefix))
         logging.getLogger("study.search").info("MLflow artifacts of %s relocated from %s to %s", experiment,
                                                old_prefix, new_prefix)
         return True

@@ -1,6 +1,7 @@
 """The Tune callback that writes a study's trials to MLflow (study.search.recording.tracking's records): one
 nested run per trial, its per-epoch metrics at the trial's global step, and at its end the outputs of a
-COMPLETE trial (result.json; the model.pt or, where the study folder shares the run's bucket, a reference) or
+COMPLETE trial (result.json; its model as an MLflow model or, where the study folder shares the run's bucket, a
+reference) or
 why it ended otherwise (a trial a rung stopped: tags optuna_state=PRUNED and stop_reason)."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
-from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY, ROLE_TAG, trial_run_key
+from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY, ROLE_TAG, STUDY_TAG, trial_run_key
 from study.search.recording.tracking import (MODEL_FOLDER, STAGE_CODES, Tracker, log_model_reference,
                                              model_by_reference, numeric_metrics, provenance_tags)
 
@@ -125,16 +126,36 @@ class MlflowTrialCallback(Callback):
         self.tracker.finish(run_id, status)
 
     def log_outputs(self, run_id: str, number: int) -> None:
-        """The exported sparse model and its result, for `study evaluate runs:/<id>`: result.json, and model.pt's
-        bytes or, where the study folder shares the run's bucket, a reference to it (model_by_reference)."""
+        """A COMPLETE trial's exported model and its result: the model as an MLflow model (study.trial.mlflow_model:
+        the sparse weights file and the trial config, its final metrics attached) or, where the study folder shares
+        the run's bucket, a reference to the model (model_by_reference: its bytes are kept once); result.json under
+        `model/`. A model that cannot be logged is said in the run's tag `model_error`, never fails the study."""
         folder = self.trial_dir(number)
         if (folder / "model.pt").is_file():
             where = self.trial_uri(number) if self.trial_uri is not None else ""
             if model_by_reference(self.tracker.artifact_uri(run_id), where):
                 log_model_reference(self.tracker, run_id, where)
             else:
-                self.tracker.log_file(run_id, folder / "model.pt", MODEL_FOLDER)
+                self._log_model(run_id, number, folder)
         self.tracker.log_file(run_id, folder / "result.json", MODEL_FOLDER)
+
+    def _log_model(self, run_id: str, number: int, folder: Path) -> None:
+        import json
+        import logging
+
+        from study.trial.mlflow_model import log_trial_model
+
+        try:
+            result = json.loads((folder / "result.json").read_text())
+            log_trial_model(run_id, folder / "model.pt", result["config"], result.get("metrics") or {},
+                            tags={STUDY_TAG: self.study, NUMBER_KEY: str(number)},
+                            tracking_uri=self.tracker.tracking_uri, step=self._steps.get(run_id, 0),
+                            name=f"{self.study}-{number:04d}")
+        except Exception as e:  # noqa: BLE001 - the trial's folder keeps the model; the run says why it lacks one
+            reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
+            logging.getLogger("study.search").warning("trial %d: its model was not logged to MLflow (%s)",
+                                                      number, reason)
+            self.tracker.log_batch(run_id, tags={"model_error": reason})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial)

@@ -1,0 +1,185 @@
+"""A small real study recorded by a real MLflow tracking server (a process started here on 127.0.0.1, one
+worker, proxied artifacts): every COMPLETE trial's model is a logged model with its metrics, the report
+registers the recommended one under the study's name and the alias `recommended`, that model predicts through
+pyfunc the logits of the trial's exported weights, and `study evaluate` reads it back weights-only."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import QUICKSTART
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`mlflow server` on a free port of 127.0.0.1, its own sqlite store and artifact folder."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url, root
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def finished(server, tmp_path_factory):
+    """A 3-trial quickstart on digits with the real pipeline, recorded by the server, then reported."""
+    from study.search.optimize.space import load_space
+    from study.search.study import report_study, run_study
+
+    url, _ = server
+    runs = tmp_path_factory.mktemp("runs")
+    space = load_space(QUICKSTART, {"study.n_trials": 3, "study.max_concurrent": 2, "trial.pretrain.epochs": 2,
+                                    "trial.prune_stage.epochs": 1, "trial.finetune.epochs": 1,
+                                    "trial.eval.points": 100, "trial.eval.val_points": 100})
+    outcome = run_study(space, runs_dir=runs, tracking_uri=url, final_eval=False)
+    assert outcome.status == "complete"
+    report_study("quickstart", runs_dir=runs)
+    return url, runs
+
+
+def test_trials_models_are_logged_and_the_recommended_one_is_registered(finished, tmp_path):
+    import mlflow
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from study.robustness.targets import load_model, resolve
+    from study.trial.data import dataset_info
+    from study.trial.models import load_exported
+    from study.trial.sparse_file import load_state
+
+    url, runs = finished
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("quickstart")
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{runs / 'quickstart' / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    trial_runs = {r.data.tags["optuna_trial_number"]: r for r in client.search_runs(
+        [exp.experiment_id], filter_string="tags.run_role = 'trial'")}
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    # one logged model per COMPLETE trial, from that trial's run, its final metrics attached
+    assert sorted(m.tags["optuna_trial_number"] for m in models) == sorted(str(t.number) for t in complete)
+    for m in models:
+        number = int(m.tags["optuna_trial_number"])
+        assert m.source_run_id == trial_runs[str(number)].info.run_id and m.name == f"quickstart-{number:04d}"
+        result = json.loads((runs / "quickstart" / "trials" / f"{number:04d}" / "result.json").read_text())
+        attached = {x.key: x.value for x in m.metrics}
+        assert attached["params_kept"] == result["metrics"]["params_kept"]
+        assert attached.keys() >= {k for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    # the registry: the report's recommendation under the study's name, alias `recommended`
+    version = client.get_model_version_by_alias("quickstart", "recommended")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.run_role = 'study'")[0]
+    assert version.run_id == parent.data.tags["recommended_run_id"]
+    number = int(next(n for n, r in trial_runs.items() if r.info.run_id == version.run_id))
+    folder = runs / "quickstart" / "trials" / f"{number:04d}"
+    # pyfunc predicts the logits of the trial's exported weights
+    from study.trial.config import trial_from_dict
+
+    cfg = trial_from_dict(json.loads((folder / "result.json").read_text())["config"])
+    model = load_exported(cfg, load_state(folder / "model.pt"), dataset_info("digits"), "cpu").eval()
+    x = np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32)
+    mlflow.set_tracking_uri(url)
+    try:
+        got = mlflow.pyfunc.load_model("models:/quickstart@recommended").predict(x)
+    finally:
+        mlflow.set_tracking_uri("")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(torch.as_tensor(x)).numpy(), rtol=0, atol=0)
+    # `study evaluate` reads the registered model's weights file (weights-only) and its config
+    target = resolve("models:/quickstart@recommended", url, tmp_path / "scratch")
+    assert target.model_path.read_bytes() == (folder / "model.pt").read_bytes() and target.config == cfg
+    run_target = resolve(f"runs:/{version.run_id}", url, tmp_path / "scratch2")
+    assert run_target.model_path.read_bytes() == (folder / "model.pt").read_bytes()
+    rebuilt = load_model(target, dataset_info("digits"), "cpu")
+    for (k, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = os.environ.get("STUDY_SCREENSHOTS")  # a folder (docs/img) to keep the screenshots in, e.g. to refresh them
+
+
+def _chromium(tmp_path: Path, *args: str) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
+           f"--user-data-dir={tmp_path / 'chromium'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path).stdout
+
+
+def _page(tmp_path: Path, url: str, shot: str, must_show: list[str]) -> str:
+    """The page's DOM once rendered (the MLflow UI fetches its data after loading: Chromium's virtual time
+    lets it settle), retried while what a user must see is not there yet; a 1280-px screenshot of it."""
+    for budget in (15000, 30000, 60000):
+        dom = _chromium(tmp_path, f"--virtual-time-budget={budget}", "--window-size=1280,900", "--dump-dom", url)
+        if all(text in dom for text in must_show):
+            break
+    folder = Path(SHOTS) if SHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    _chromium(tmp_path, "--virtual-time-budget=30000", "--window-size=1280,900", "--hide-scrollbars",
+              f"--screenshot={folder / shot}", url)
+    from PIL import Image
+
+    with Image.open(folder / shot) as im:  # the page paints: more than a blank sheet
+        assert len(set(im.convert("L").resize((128, 90)).getdata())) > 20, shot
+    return dom
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_mlflow_ui_shows_the_trials_and_their_models_in_headless_chromium(finished, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    url, runs = finished
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("quickstart").experiment_id
+    names = [r.info.run_name for r in client.search_runs([exp], filter_string="tags.run_role = 'trial'")]
+    models = [m.name for m in client.search_logged_models(experiment_ids=[exp])]
+    assert names and models
+    dom = _page(tmp_path, f"{url}/#/experiments/{exp}/runs", "mlflow_runs.png", names)
+    missing = [n for n in names if n not in dom]
+    assert not missing, f"runs view lacks {missing}"
+    dom = _page(tmp_path, f"{url}/#/experiments/{exp}/models", "mlflow_models.png", models)
+    missing = [n for n in models if n not in dom]
+    assert not missing, f"Models tab lacks {missing}"
+    dom = _page(tmp_path, f"{url}/#/models/quickstart", "mlflow_registry.png", ["recommended"])
+    assert "recommended" in dom  # the registered model's alias
