@@ -75,7 +75,7 @@ def _check_consistent(tmp_path, n_trials, failed=()):
     for r in runs:
         number = int(r.data.tags["optuna_trial_number"])
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert r.data.tags["study"] == "quickstart" and r.data.tags["git_sha"] and r.data.tags["ray_version"]
+        assert r.data.tags["study"] == "quickstart" and r.data.tags["mlflow.source.git.commit"] and r.data.tags["ray_version"]
         assert "prune.keep_fraction" in r.data.params and "attack.schedule" in r.data.params
         assert r.info.status == ("FAILED" if number in failed else "FINISHED")
         history = client.get_metric_history(r.info.run_id, "train_loss")

@@ -18,13 +18,9 @@ the tag `model_uri`: model_by_reference).
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
-import platform
-import subprocess
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -33,6 +29,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from study.keys import MODEL_REF_FILE, MODEL_URI_TAG, NUMBER_KEY, study_run_key
 from study.search.folder.store import is_remote
+from study.search.recording.provenance import dataset_input, provenance_tags
 
 # Result keys Tune adds or that are not metrics.
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
@@ -97,27 +94,6 @@ def log_model_reference(tracker: "Tracker", run_id: str, folder_uri: str) -> dic
     tracker.log_dict(run_id, ref, f"{MODEL_FOLDER}/{MODEL_REF_FILE}")
     tracker.log_batch(run_id, tags={MODEL_URI_TAG: ref["uri"]})
     return ref
-
-
-@functools.lru_cache(maxsize=1)
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance_tags() -> dict[str, str]:
-    """Git sha and library versions: every run says what produced it."""
-    tags = {"git_sha": git_sha(), "python_version": platform.python_version()}
-    for lib in ("torch", "ray", "optuna", "mlflow"):
-        try:
-            tags[f"{lib}_version"] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            tags[f"{lib}_version"] = "absent"
-    return tags
 
 
 def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -200,6 +176,16 @@ class Tracker:
             chunk = ps[:MAX_PARAMS_PER_BATCH]
             self.client.log_batch(run_id, metrics=ms[:1000], params=chunk, tags=ts[:100])
             ms, ps, ts = ms[1000:], ps[MAX_PARAMS_PER_BATCH:], ts[100:]
+
+    def log_dataset(self, run_id: str, data: Any) -> None:
+        """The data set of `data` (a study.trial.config.DataConfig) as the run's dataset input (context
+        training; logging it again changes nothing). A store that refuses loses the input, not the study."""
+        try:
+            self.client.log_inputs(run_id, datasets=[dataset_input(data)])
+        except Exception as e:  # noqa: BLE001 - a description of the run, never worth a study
+            import logging
+
+            logging.getLogger("study.search").warning("could not log the data set of MLflow run %s: %s", run_id, e)
 
     def artifact_uri(self, run_id: str) -> str:
         """Where the run's artifacts go, as the store holds it now (e.g. s3://BUCKET/.../<run id>/artifacts)."""
@@ -289,9 +275,9 @@ def describe_experiment(tracker: Tracker, settings: Mapping[str, Any], space_fil
 
 
 def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapping[str, Any] | None = None,
-                    space_file: str | Path | None = None) -> str:
+                    space_file: str | Path | None = None, data: Any = None) -> str:
     """Find the study's parent run (by id, then by tag) or create it; mark it RUNNING. Describes the
-    experiment from `params` (the study.* settings)."""
+    experiment from `params` (the study.* settings); `data` (the study's DataConfig): its dataset input."""
     settings = {k[len("study."):]: v for k, v in (params or {}).items() if k.startswith("study.")}
     describe_experiment(tracker, {"name": study, **settings}, space_file)
     run = None
@@ -304,9 +290,13 @@ def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapp
         run = tracker.find_run(study_run_key(study))
     if run is not None:
         tracker.reopen(run.info.run_id)
+        if data is not None:  # a run made before dataset inputs were logged gets one
+            tracker.log_dataset(run.info.run_id, data)
         return run.info.run_id
     run_id = tracker.create_run(study, {**study_run_key(study), **provenance_tags()})
     tracker.log_batch(run_id, params=params or {})
+    if data is not None:
+        tracker.log_dataset(run_id, data)
     if space_file:
         tracker.log_file(run_id, space_file)
     return run_id

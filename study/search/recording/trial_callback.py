@@ -10,8 +10,9 @@ from typing import Any, Callable, Mapping
 from ray.tune import Callback
 
 from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY, ROLE_TAG, trial_run_key
+from study.search.recording.provenance import provenance_tags
 from study.search.recording.tracking import (MODEL_FOLDER, STAGE_CODES, Tracker, log_model_reference,
-                                             model_by_reference, numeric_metrics, provenance_tags)
+                                             model_by_reference, numeric_metrics)
 
 
 def epoch_record(result: Mapping[str, Any], step: int) -> tuple[dict[str, float], dict[str, str]]:
@@ -87,12 +88,15 @@ class MlflowTrialCallback(Callback):
         return run_id
 
     def _start(self, run_id: str, trial: Any) -> None:
+        cfg = None
         try:
             cfg = self.trial_config(trial.config)
             params, tree = cfg.flat(), cfg.to_dict()
         except Exception as e:  # a bad config fails the trial itself; record what we can
             params = tree = {"config_error": str(e)}
         self.tracker.log_batch(run_id, params=params)
+        if getattr(cfg, "data", None) is not None:
+            self.tracker.log_dataset(run_id, cfg.data)
         self.tracker.log_dict(run_id, tree, "trial_config.json")
         self.tracker.log_file(run_id, self.space_file)
 
