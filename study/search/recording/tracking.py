@@ -2,9 +2,12 @@
 
 The experiment says what it is (tag `mlflow.experimentKind` = custom_model_development, and a
 `mlflow.note.content` description of the study, shown on the experiment's page). Per-epoch metrics are
-logged at the trial's global step (monotone across the prune and finetune stages) with `step`, the
-within-stage `epoch` and the stage itself as a number (`stage`: 1 = prune, 2 = finetune; the run tag
-`stage` names the latest one), so a chart over steps shows where a stage starts.
+named by their stage (`prune/val_robust_acc`, `finetune/train_loss`: MLflow's UI groups charts by the prefix
+before the `/`) and logged at MLflow's step = the trial's global step (monotone across the stages); the run
+tag `stage` names the latest stage. A trial's final metrics (its last report) and the front's test figures
+keep their plain names. Nothing else is a metric: no epoch, step or stage numbers, no Tune bookkeeping.
+Every run carries MLflow's source, user and git tags and the study's data set as a dataset input
+(study.search.recording.provenance).
 
 All logging happens in the driver, from a Tune callback: one writer for the tracking store (no sqlite
 lock contention between trial processes), and a trial that dies without a word (OOM kill, lost node)
@@ -31,13 +34,11 @@ from study.keys import MODEL_REF_FILE, MODEL_URI_TAG, NUMBER_KEY, study_run_key
 from study.search.folder.store import is_remote
 from study.search.recording.provenance import dataset_input, provenance_tags
 
-# Result keys Tune adds or that are not metrics.
+# Result keys Tune adds or that are not metrics (a report's place: MLflow's step and the stage's prefix).
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
     "done", "trial_id", "experiment_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name",
-    "training_iteration", NUMBER_KEY, "final",
+    "training_iteration", NUMBER_KEY, "final", "step", "epoch", "stage",
 }
-# Stages as MLflow metric values (metrics are numbers); the tag `stage_codes` on each trial run says so.
-STAGE_CODES = {"pretrain": 0, "prune": 1, "finetune": 2}
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the description MLflow's UI shows for an experiment or a run
@@ -238,7 +239,11 @@ class Tracker:
         return len(runs)
 
     def last_step(self, run: Any) -> int:
-        return int(run.data.metrics.get("step", 0)) if run is not None else 0
+        """The highest step any metric of `run` was logged at (0 for none): a resumed trial logs after it."""
+        if run is None:
+            return 0
+        return max((m.step for k in run.data.metrics for m in self.client.get_metric_history(run.info.run_id, k)),
+                   default=0)
 
 
 def _param_text(value: Any) -> str:
