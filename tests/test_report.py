@@ -577,3 +577,6 @@ def test_quickstart_study_leaves_the_report_and_its_mlflow_artifacts(tmp_path):
     assert [i.dataset.name for i in trial_run.inputs.dataset_inputs] == ["digits"]
     assert [i.dataset.name for i in parent.inputs.dataset_inputs] == ["digits"]
     assert parent.data.tags["mlflow.source.type"] == "LOCAL" and parent.data.tags["mlflow.user"]
+    # the study wrote its report once and this test a second time: each summary metric has one point
+    parent_hist = {k: client.get_metric_history(parent.info.run_id, k) for k in m}
+    assert {k: len(v) for k, v in parent_hist.items()} == {k: 1 for k in m}

@@ -7,7 +7,7 @@ before the `/`) and logged at MLflow's step = the trial's global step (monotone 
 tag `stage` names the latest stage. A trial's final metrics (its last report) and the front's test figures
 keep their plain names. Nothing else is a metric: no epoch, step or stage numbers, no Tune bookkeeping.
 Every run carries MLflow's source, user and git tags and the study's data set as a dataset input
-(study.search.recording.provenance).
+(study.search.recording.provenance). A parent run's summary metrics are logged only when they change.
 
 All logging happens in the driver, from a Tune callback: one writer for the tracking store (no sqlite
 lock contention between trial processes), and a trial that dies without a word (OOM kill, lost node)
@@ -167,16 +167,33 @@ class Tracker:
     def log_batch(self, run_id: str, metrics: Mapping[str, float] | None = None, step: int = 0,
                   params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
         """Metrics, params and tags in as few calls as MLflow's limits allow (usually one)."""
+        self._log(run_id, {k: (v, int(step)) for k, v in (metrics or {}).items()}, params, tags)
+
+    def _log(self, run_id: str, metrics: Mapping[str, tuple[float, int]], params: Mapping[str, Any] | None = None,
+             tags: Mapping[str, Any] | None = None) -> None:
+        """log_batch with a step per metric (`metrics`: key -> (value, step))."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items()]
+        ms = [Metric(k, float(v), now, int(step)) for k, (v, step) in metrics.items()]
         ps = [Param(k, _param_text(v)) for k, v in (params or {}).items()]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         while ms or ps or ts:
             chunk = ps[:MAX_PARAMS_PER_BATCH]
             self.client.log_batch(run_id, metrics=ms[:1000], params=chunk, tags=ts[:100])
             ms, ps, ts = ms[1000:], ps[MAX_PARAMS_PER_BATCH:], ts[100:]
+
+    def log_summary(self, run_id: str, metrics: Mapping[str, float],
+                    tags: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Metrics that are one figure of a run (a study's front: hypervolume, trials_complete, ...), each
+        logged only where it differs from the run's latest value, at the next step of its own history (0 for
+        the first): a repeated `study report` adds no points. `tags` are set as given. Returns what was logged."""
+        latest = self.client.get_run(run_id).data.metrics
+        changed = {k: float(v) for k, v in metrics.items() if not _same(latest.get(k), float(v))}
+        steps = {k: len(self.client.get_metric_history(run_id, k)) if k in latest else 0 for k in changed}
+        if changed or tags:
+            self._log(run_id, {k: (v, steps[k]) for k, v in changed.items()}, tags=tags)
+        return changed
 
     def log_dataset(self, run_id: str, data: Any) -> None:
         """The data set of `data` (a study.trial.config.DataConfig) as the run's dataset input (context
@@ -244,6 +261,10 @@ class Tracker:
             return 0
         return max((m.step for k in run.data.metrics for m in self.client.get_metric_history(run.info.run_id, k)),
                    default=0)
+
+
+def _same(old: float | None, new: float) -> bool:
+    return old is not None and (old == new or (math.isnan(old) and math.isnan(new)))
 
 
 def _param_text(value: Any) -> str:
