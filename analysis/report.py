@@ -265,9 +265,9 @@ def _parent_run(tracker: Any, study: str) -> str:
 
 def log_report(tracker: Any, run_id: str, folder: Path, metrics: Mapping[str, float], tags: Mapping[str, str],
                data: ReportData, space: Any) -> None:
-    """The report's files as artifacts (report/...) of the parent run, its summary as metrics and tags,
-    and the experiment's and the run's description. A tracking store that refuses loses the MLflow
-    copy, not the report."""
+    """The report's files as artifacts (report/...) of the parent run, its summary as metrics (each only
+    when its value changed: a repeated report adds no history) and tags, and the experiment's and the
+    run's description. A tracking store that refuses loses the MLflow copy, not the report."""
     from study.search.recording.tracking import NOTE_TAG, describe_experiment, study_description
 
     settings = dataclasses.asdict(space.study)
@@ -279,7 +279,7 @@ def log_report(tracker: Any, run_id: str, folder: Path, metrics: Mapping[str, fl
              + f". Report: artifacts of the study run, {REPORT_DIR}/index.html.")
     try:
         tracker.log_folder(run_id, folder, REPORT_DIR)
-        tracker.log_batch(run_id, metrics=metrics, tags={**tags, NOTE_TAG: study_description(settings, extra=extra)})
+        tracker.log_summary(run_id, metrics, tags={**tags, NOTE_TAG: study_description(settings, extra=extra)})
         describe_experiment(tracker, settings, getattr(space, "path", None), extra=extra)
     except Exception as e:
         log.warning("report: could not log the report to MLflow run %s: %s", run_id, e)

@@ -142,10 +142,15 @@ def test_killed_worker_reruns_from_its_checkpoint_and_a_raising_trial_fails_once
         run, t = by_number[n], trials[n]
         assert run.info.status == "FINISHED" and t.user_attrs["mlflow_run_id"] == run.info.run_id
         assert run.data.metrics["val_robust_acc"] == pytest.approx(t.values[1])
-        history = client.get_metric_history(run.info.run_id, "train_loss")
-        assert sorted(m.step for m in history) == [1, 2, 3]  # once per epoch despite the rerun
-    # the rerun trial logged steps 1, 2, 3 and 4 (final) once each
-    assert [m.step for m in client.get_metric_history(by_number[0].info.run_id, "step")] == [1, 2, 3, 4]
+        loss = [m.step for k in ("prune/train_loss", "finetune/train_loss")
+                for m in client.get_metric_history(run.info.run_id, k)]
+        assert sorted(loss) == [1, 2, 3]  # once per epoch despite the rerun
+    # the rerun trial logged steps 1, 2, 3 (epochs, by stage) and 4 (final) once each
+    rerun = by_number[0].info.run_id
+    hist = {k: [m.step for m in client.get_metric_history(rerun, k)] for k in client.get_run(rerun).data.metrics}
+    assert all(len(steps) == len(set(steps)) for steps in hist.values()), hist
+    assert sorted({s for k, steps in hist.items() if "/" in k for s in steps}) == [1, 2, 3]
+    assert hist["val_robust_acc"] == [4] and not {"step", "epoch", "stage"} & set(hist)
     # Tune recorded the failure and the rerun of that trial
     text = driver_log.read_text(errors="replace")
     assert "trial_0000 errored" in text or "Trial trial_0000 errored" in text, tail(driver_log)

@@ -271,7 +271,8 @@ def check_records(runs: Path, name: str, n_trials: int, epochs: int = 3) -> tupl
         assert t.user_attrs["mlflow_run_id"] == r.info.run_id
         assert r.data.metrics["val_robust_acc"] == pytest.approx(t.values[1])
         assert r.data.metrics["params_kept"] == pytest.approx(t.values[0])
-        history = client.get_metric_history(r.info.run_id, "train_loss")
+        history = [m for k in r.data.metrics if k.endswith("/train_loss")  # prune/..., finetune/...
+                   for m in client.get_metric_history(r.info.run_id, k)]
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), [(m.step, m.value) for m in history]
         final = json.loads((runs / name / "trials" / f"{t.number:04d}" / "final.json").read_text())
         assert final["val_robust_acc"] == pytest.approx(t.values[1])

@@ -26,7 +26,6 @@ from analysis.report import recommend as recommend_models
 from analysis.report import summary, write_report
 from analysis.report_data import ReportError, axes_of, collect
 from study.search.optimize.space import load_space
-from study.search.recording.tracking import STAGE_CODES
 from study.search.recording.trial_callback import epoch_record
 
 OBJECTIVES = {"study.objectives": [{"metric": "params_kept", "mode": "min"}, {"metric": "val_robust_acc", "mode": "max"}]}
@@ -444,16 +443,13 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path):
 # MLflow and Optuna as their users read them.
 
 
-def test_epoch_records_carry_the_global_step_and_the_stage():
+def test_epoch_records_are_named_by_stage_without_step_epoch_or_stage_metrics():
     rows = [("prune", 1, 1), ("prune", 2, 2), ("finetune", 1, 3), ("finetune", 2, 4)]
     records = [epoch_record({"stage": s, "epoch": e, "step": k, "train_loss": 0.5, "ray_node_id": "n1",
-                             "training_iteration": k}, k) for s, e, k in rows]
-    assert [m["step"] for m, _ in records] == [1, 2, 3, 4]
-    assert [m["epoch"] for m, _ in records] == [1, 2, 1, 2]  # within the stage, as Tune reports it
-    assert [m["stage"] for m, _ in records] == [STAGE_CODES["prune"]] * 2 + [STAGE_CODES["finetune"]] * 2
-    assert [t["stage"] for _, t in records] == ["prune", "prune", "finetune", "finetune"]
-    assert records[0][1]["ray_node_id"] == "n1" and "training_iteration" not in records[0][0]
-    assert "1=prune" in records[0][1]["stage_codes"] and "2=finetune" in records[0][1]["stage_codes"]
+                             "training_iteration": k}) for s, e, k in rows]
+    assert [sorted(m) for m, _ in records] == [["prune/train_loss"]] * 2 + [["finetune/train_loss"]] * 2
+    assert [t["stage"] for _, t in records] == ["prune", "prune", "finetune", "finetune"]  # the tag: the latest
+    assert records[0][1]["ray_node_id"] == "n1"
 
 
 def test_optuna_study_carries_the_objective_names(tmp_path):
@@ -568,10 +564,19 @@ def test_quickstart_study_leaves_the_report_and_its_mlflow_artifacts(tmp_path):
     exp = client.get_experiment_by_name("quickstart")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "params_kept" in exp.tags["mlflow.note.content"] and "val_robust_acc" in exp.tags["mlflow.note.content"]
-    # per-epoch metrics: global step, within-stage epoch, stage as a number
+    # per-epoch metrics named by stage at the global step; no epoch, step or stage metrics
     run_id = chosen.user_attrs["mlflow_run_id"]
     hist = {k: [(x.step, x.value) for x in sorted(client.get_metric_history(run_id, k), key=lambda x: x.step)]
-            for k in ("epoch", "stage", "train_loss")}
-    assert hist["epoch"] == [(1, 1), (2, 2), (3, 1), (4, 2)]
-    assert hist["stage"] == [(1, 1), (2, 1), (3, 2), (4, 2)]
-    assert [s for s, _ in hist["train_loss"]] == [1, 2, 3, 4]
+            for k in client.get_run(run_id).data.metrics}
+    assert [s for s, _ in hist["prune/train_loss"]] == [1, 2] and [s for s, _ in hist["finetune/train_loss"]] == [3, 4]
+    assert [s for s, _ in hist["finetune/val_robust_acc"]] == [3, 4]
+    assert not {"epoch", "step", "stage"} & set(hist) and not [k for k in hist if k.startswith("time_")]
+    assert hist["val_robust_acc"] == [(5, pytest.approx(chosen.values[1]))]  # the final figure, by its name
+    trial_run = client.get_run(run_id)
+    assert trial_run.data.tags["stage"] == "finetune" and "git_sha" not in trial_run.data.tags
+    assert [i.dataset.name for i in trial_run.inputs.dataset_inputs] == ["digits"]
+    assert [i.dataset.name for i in parent.inputs.dataset_inputs] == ["digits"]
+    assert parent.data.tags["mlflow.source.type"] == "LOCAL" and parent.data.tags["mlflow.user"]
+    # the study wrote its report once and this test a second time: each summary metric has one point
+    parent_hist = {k: client.get_metric_history(parent.info.run_id, k) for k in m}
+    assert {k: len(v) for k, v in parent_hist.items()} == {k: 1 for k in m}

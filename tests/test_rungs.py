@@ -134,5 +134,6 @@ def test_dominated_trials_end_pruned_everywhere(tmp_path):
         assert mlruns[n].info.status == "KILLED"
         assert mlruns[n].data.tags["optuna_state"] == "PRUNED"
         assert "rung epoch 2" in mlruns[n].data.tags["stop_reason"]
-        assert mlruns[n].data.metrics["val_robust_acc"] == pytest.approx(0.2 * 2 / 3)  # stopped after epoch 2
+        assert mlruns[n].data.metrics["finetune/val_robust_acc"] == pytest.approx(0.2 * 2 / 3)  # stopped after epoch 2
+        assert "val_robust_acc" not in mlruns[n].data.metrics  # no final figure: the trial never reported one
     assert not (runs / "quickstart" / "trials" / "0001" / "final.json").exists()

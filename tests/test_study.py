@@ -75,10 +75,10 @@ def _check_consistent(tmp_path, n_trials, failed=()):
     for r in runs:
         number = int(r.data.tags["optuna_trial_number"])
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert r.data.tags["study"] == "quickstart" and r.data.tags["git_sha"] and r.data.tags["ray_version"]
+        assert r.data.tags["study"] == "quickstart" and r.data.tags["mlflow.source.git.commit"] and r.data.tags["ray_version"]
         assert "prune.keep_fraction" in r.data.params and "attack.schedule" in r.data.params
         assert r.info.status == ("FAILED" if number in failed else "FINISHED")
-        history = client.get_metric_history(r.info.run_id, "train_loss")
+        history = client.get_metric_history(r.info.run_id, "finetune/train_loss")  # the fake trial's one stage
         assert [m.step for m in history] == [1, 2]  # per epoch, no duplicates after a resume
         if number not in failed:
             assert r.data.metrics["val_robust_acc"] == pytest.approx(study.trials[number].values[1])

@@ -302,8 +302,8 @@ class Study:
             console.print_final_checks(suites, s.robustness)
         if tracker is not None:
             run = self.manifest.parent_run_id
-            tracker.log_batch(run, metrics={"trials_complete": complete, "trials_failed": failed,
-                                            "pareto_size": len(rows), "hypervolume": hv})
+            tracker.log_summary(run, {"trials_complete": complete, "trials_failed": failed,  # when they changed
+                                      "pareto_size": len(rows), "hypervolume": hv})
             tracker.log_file(run, csv)
         if writable:
             self.write_report(optuna_study, tracker if tracker is not None else report_tracker)

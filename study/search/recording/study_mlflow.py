@@ -54,7 +54,9 @@ def open_parent_run(st: Study, tracker: Any) -> str:
     if st.wipe_runs:
         tracker.delete_study_runs(s.name)
     params = {f"study.{k}": v for k, v in dataclasses.asdict(s).items()}
-    st.manifest.parent_run_id = open_parent_run(tracker, s.name, st.manifest.parent_run_id, params, st.paths.space)
+    data = st.space.trial_config({}, st.fixed).data  # the study's data set (the trials' unless they search it)
+    st.manifest.parent_run_id = open_parent_run(tracker, s.name, st.manifest.parent_run_id, params, st.paths.space,
+                                                data)
     st.save_manifest()
     return st.manifest.parent_run_id
 
@@ -123,7 +125,7 @@ def record_unstarted(st: Study, optuna_study: Any, tracker: Any) -> None:
     """One MLflow run per Optuna trial, also for a trial stopped before it started (time budget)."""
     from optuna.trial import TrialState
 
-    from study.search.recording.tracking import provenance_tags
+    from study.search.recording.provenance import provenance_tags
 
     parent = st.manifest.parent_run_id
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
@@ -134,7 +136,9 @@ def record_unstarted(st: Study, optuna_study: Any, tracker: Any) -> None:
         run_id = tracker.create_run(f"{st.space.study.name}-{t.number:04d}", {
             **trial_run_key(st.space.study.name, t.number, parent), ROLE_TAG: "trial",
             "fail_reason": t.user_attrs.get("fail_reason", "never started"), **provenance_tags()})
-        tracker.log_batch(run_id, params=st.trial_config({**t.params, NUMBER_KEY: t.number}).flat())
+        cfg = st.trial_config({**t.params, NUMBER_KEY: t.number})
+        tracker.log_batch(run_id, params=cfg.flat())
+        tracker.log_dataset(run_id, cfg.data)
         tracker.finish(run_id, "KILLED")
 
 

@@ -2,9 +2,12 @@
 
 The experiment says what it is (tag `mlflow.experimentKind` = custom_model_development, and a
 `mlflow.note.content` description of the study, shown on the experiment's page). Per-epoch metrics are
-logged at the trial's global step (monotone across the prune and finetune stages) with `step`, the
-within-stage `epoch` and the stage itself as a number (`stage`: 1 = prune, 2 = finetune; the run tag
-`stage` names the latest one), so a chart over steps shows where a stage starts.
+named by their stage (`prune/val_robust_acc`, `finetune/train_loss`: MLflow's UI groups charts by the prefix
+before the `/`) and logged at MLflow's step = the trial's global step (monotone across the stages); the run
+tag `stage` names the latest stage. A trial's final metrics (its last report) and the front's test figures
+keep their plain names. Nothing else is a metric: no epoch, step or stage numbers, no Tune bookkeeping.
+Every run carries MLflow's source, user and git tags and the study's data set as a dataset input
+(study.search.recording.provenance). A parent run's summary metrics are logged only when they change.
 
 All logging happens in the driver, from a Tune callback: one writer for the tracking store (no sqlite
 lock contention between trial processes), and a trial that dies without a word (OOM kill, lost node)
@@ -18,13 +21,9 @@ the tag `model_uri`: model_by_reference).
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
-import platform
-import subprocess
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -33,14 +32,13 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from study.keys import MODEL_REF_FILE, MODEL_URI_TAG, NUMBER_KEY, study_run_key
 from study.search.folder.store import is_remote
+from study.search.recording.provenance import dataset_input, provenance_tags
 
-# Result keys Tune adds or that are not metrics.
+# Result keys Tune adds or that are not metrics (a report's place: MLflow's step and the stage's prefix).
 _NOT_METRICS = set(AUTO_RESULT_KEYS) | {
     "done", "trial_id", "experiment_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name",
-    "training_iteration", NUMBER_KEY, "final",
+    "training_iteration", NUMBER_KEY, "final", "step", "epoch", "stage",
 }
-# Stages as MLflow metric values (metrics are numbers); the tag `stage_codes` on each trial run says so.
-STAGE_CODES = {"pretrain": 0, "prune": 1, "finetune": 2}
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the description MLflow's UI shows for an experiment or a run
@@ -97,27 +95,6 @@ def log_model_reference(tracker: "Tracker", run_id: str, folder_uri: str) -> dic
     tracker.log_dict(run_id, ref, f"{MODEL_FOLDER}/{MODEL_REF_FILE}")
     tracker.log_batch(run_id, tags={MODEL_URI_TAG: ref["uri"]})
     return ref
-
-
-@functools.lru_cache(maxsize=1)
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance_tags() -> dict[str, str]:
-    """Git sha and library versions: every run says what produced it."""
-    tags = {"git_sha": git_sha(), "python_version": platform.python_version()}
-    for lib in ("torch", "ray", "optuna", "mlflow"):
-        try:
-            tags[f"{lib}_version"] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            tags[f"{lib}_version"] = "absent"
-    return tags
 
 
 def numeric_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -190,16 +167,43 @@ class Tracker:
     def log_batch(self, run_id: str, metrics: Mapping[str, float] | None = None, step: int = 0,
                   params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
         """Metrics, params and tags in as few calls as MLflow's limits allow (usually one)."""
+        self._log(run_id, {k: (v, int(step)) for k, v in (metrics or {}).items()}, params, tags)
+
+    def _log(self, run_id: str, metrics: Mapping[str, tuple[float, int]], params: Mapping[str, Any] | None = None,
+             tags: Mapping[str, Any] | None = None) -> None:
+        """log_batch with a step per metric (`metrics`: key -> (value, step))."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(step)) for k, v in (metrics or {}).items()]
+        ms = [Metric(k, float(v), now, int(step)) for k, (v, step) in metrics.items()]
         ps = [Param(k, _param_text(v)) for k, v in (params or {}).items()]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         while ms or ps or ts:
             chunk = ps[:MAX_PARAMS_PER_BATCH]
             self.client.log_batch(run_id, metrics=ms[:1000], params=chunk, tags=ts[:100])
             ms, ps, ts = ms[1000:], ps[MAX_PARAMS_PER_BATCH:], ts[100:]
+
+    def log_summary(self, run_id: str, metrics: Mapping[str, float],
+                    tags: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Metrics that are one figure of a run (a study's front: hypervolume, trials_complete, ...), each
+        logged only where it differs from the run's latest value, at the next step of its own history (0 for
+        the first): a repeated `study report` adds no points. `tags` are set as given. Returns what was logged."""
+        latest = self.client.get_run(run_id).data.metrics
+        changed = {k: float(v) for k, v in metrics.items() if not _same(latest.get(k), float(v))}
+        steps = {k: len(self.client.get_metric_history(run_id, k)) if k in latest else 0 for k in changed}
+        if changed or tags:
+            self._log(run_id, {k: (v, steps[k]) for k, v in changed.items()}, tags=tags)
+        return changed
+
+    def log_dataset(self, run_id: str, data: Any) -> None:
+        """The data set of `data` (a study.trial.config.DataConfig) as the run's dataset input (context
+        training; logging it again changes nothing). A store that refuses loses the input, not the study."""
+        try:
+            self.client.log_inputs(run_id, datasets=[dataset_input(data)])
+        except Exception as e:  # noqa: BLE001 - a description of the run, never worth a study
+            import logging
+
+            logging.getLogger("study.search").warning("could not log the data set of MLflow run %s: %s", run_id, e)
 
     def artifact_uri(self, run_id: str) -> str:
         """Where the run's artifacts go, as the store holds it now (e.g. s3://BUCKET/.../<run id>/artifacts)."""
@@ -252,7 +256,15 @@ class Tracker:
         return len(runs)
 
     def last_step(self, run: Any) -> int:
-        return int(run.data.metrics.get("step", 0)) if run is not None else 0
+        """The highest step any metric of `run` was logged at (0 for none): a resumed trial logs after it."""
+        if run is None:
+            return 0
+        return max((m.step for k in run.data.metrics for m in self.client.get_metric_history(run.info.run_id, k)),
+                   default=0)
+
+
+def _same(old: float | None, new: float) -> bool:
+    return old is not None and (old == new or (math.isnan(old) and math.isnan(new)))
 
 
 def _param_text(value: Any) -> str:
@@ -289,9 +301,9 @@ def describe_experiment(tracker: Tracker, settings: Mapping[str, Any], space_fil
 
 
 def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapping[str, Any] | None = None,
-                    space_file: str | Path | None = None) -> str:
+                    space_file: str | Path | None = None, data: Any = None) -> str:
     """Find the study's parent run (by id, then by tag) or create it; mark it RUNNING. Describes the
-    experiment from `params` (the study.* settings)."""
+    experiment from `params` (the study.* settings); `data` (the study's DataConfig): its dataset input."""
     settings = {k[len("study."):]: v for k, v in (params or {}).items() if k.startswith("study.")}
     describe_experiment(tracker, {"name": study, **settings}, space_file)
     run = None
@@ -304,9 +316,13 @@ def open_parent_run(tracker: Tracker, study: str, run_id: str = "", params: Mapp
         run = tracker.find_run(study_run_key(study))
     if run is not None:
         tracker.reopen(run.info.run_id)
+        if data is not None:  # a run made before dataset inputs were logged gets one
+            tracker.log_dataset(run.info.run_id, data)
         return run.info.run_id
     run_id = tracker.create_run(study, {**study_run_key(study), **provenance_tags()})
     tracker.log_batch(run_id, params=params or {})
+    if data is not None:
+        tracker.log_dataset(run_id, data)
     if space_file:
         tracker.log_file(run_id, space_file)
     return run_id

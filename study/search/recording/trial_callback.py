@@ -1,8 +1,9 @@
 """The Tune callback that writes a study's trials to MLflow (study.search.recording.tracking's records): one
-nested run per trial, its per-epoch metrics at the trial's global step, and at its end the outputs of a
-COMPLETE trial (result.json; its model as an MLflow model or, where the study folder shares the run's bucket, a
-reference) or
-why it ended otherwise (a trial a rung stopped: tags optuna_state=PRUNED and stop_reason)."""
+nested run per trial with the study's data set as its input, its per-epoch metrics named by stage
+(`prune/val_robust_acc`) at the trial's global step, its final metrics by their own names, and at its end
+the outputs of a COMPLETE trial (result.json; its model as an MLflow model or, where the study folder shares
+the run's bucket, a reference) or why it ended otherwise (a trial a rung stopped: tags optuna_state=PRUNED and
+stop_reason)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,22 +12,22 @@ from typing import Any, Callable, Mapping
 from ray.tune import Callback
 
 from study.keys import FAIL_KEY, NODE_KEY, NUMBER_KEY, ROLE_TAG, STUDY_TAG, trial_run_key
-from study.search.recording.tracking import (MODEL_FOLDER, STAGE_CODES, Tracker, log_model_reference,
-                                             model_by_reference, numeric_metrics, provenance_tags)
+from study.search.recording.provenance import provenance_tags
+from study.search.recording.tracking import (MODEL_FOLDER, Tracker, log_model_reference, model_by_reference,
+                                             numeric_metrics)
 
 
-def epoch_record(result: Mapping[str, Any], step: int) -> tuple[dict[str, float], dict[str, str]]:
-    """The metrics and tags of one Tune report for a trial's MLflow run at global `step`: its numbers,
-    `step`, and the stage as a number (STAGE_CODES) beside the within-stage `epoch`."""
+def epoch_record(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """The metrics and tags of one Tune report for a trial's MLflow run (logged at the trial's global step):
+    an epoch report's numbers under its stage (`prune/val_robust_acc`: MLflow's UI charts them in one group
+    per stage), a report without a stage (the final one) by their names; the tag `stage` names the stage.
+    The step, the within-stage epoch and Tune's bookkeeping are no metrics."""
     metrics = numeric_metrics(result)
-    metrics["step"] = float(step)
     tags: dict[str, str] = {}
     stage = result.get("stage")
-    if isinstance(stage, str):
-        if stage in STAGE_CODES:
-            metrics["stage"] = float(STAGE_CODES[stage])
+    if isinstance(stage, str) and stage:
+        metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
         tags["stage"] = stage
-        tags["stage_codes"] = ", ".join(f"{v}={k}" for k, v in STAGE_CODES.items())
     if isinstance(result.get(NODE_KEY), str):
         tags[NODE_KEY] = result[NODE_KEY]
     return metrics, tags
@@ -88,12 +89,15 @@ class MlflowTrialCallback(Callback):
         return run_id
 
     def _start(self, run_id: str, trial: Any) -> None:
+        cfg = None
         try:
             cfg = self.trial_config(trial.config)
             params, tree = cfg.flat(), cfg.to_dict()
         except Exception as e:  # a bad config fails the trial itself; record what we can
             params = tree = {"config_error": str(e)}
         self.tracker.log_batch(run_id, params=params)
+        if getattr(cfg, "data", None) is not None:
+            self.tracker.log_dataset(run_id, cfg.data)
         self.tracker.log_dict(run_id, tree, "trial_config.json")
         self.tracker.log_file(run_id, self.space_file)
 
@@ -105,7 +109,7 @@ class MlflowTrialCallback(Callback):
         step = int(result.get("step", result.get("training_iteration", 0)))
         if step <= self._steps.get(run_id, 0):
             return  # already logged before a resume
-        metrics, tags = epoch_record(result, step)
+        metrics, tags = epoch_record(result)
         self.tracker.log_batch(run_id, metrics=metrics, step=step, tags=tags or None)
         self._steps[run_id] = step
 
