@@ -1,4 +1,4 @@
-"""`study run | resume | report | trial | pretrain | evaluate`: the one command line.
+"""`study run | resume | report | ui | trial | pretrain | evaluate`: the one command line.
 
 Every flag of every command is declared here; each command's body is a function of its module taking
 plain arguments (study.search.study.run_study, study.robustness.command.evaluate_command, ...). A user
@@ -153,6 +153,14 @@ def _add_study_commands(sub: Any) -> None:
     _add_common(p)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("ui", help="show a study's MLflow runs in MLflow's UI (serves its own store until Ctrl-C)")
+    p.add_argument("name", help="study name (the folder under --runs-dir)")
+    p.add_argument("--host", default="127.0.0.1", help="the interface MLflow's server listens on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="its port (default: 5000)")
+    p.add_argument("--no-browser", dest="browser", action="store_false", help="print the page's URL only")
+    _add_common(p)
+    p.set_defaults(func=cmd_ui)
+
 
 def _exit_code(outcome: Any) -> int:
     """0: the study ended with at least one finished trial; 1: every trial failed; 130: interrupted."""
@@ -189,6 +197,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError("--within-points", f"{args.within_points:g} is out of range; must be in [0, 100]")
     report_study(args.name, runs_dir=args.runs_dir, within_points=args.within_points)
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from study.search.recording.ui import serve
+
+    return serve(args.name, runs_dir=args.runs_dir, host=args.host, port=args.port, browser=args.browser)
 
 
 # --- evaluate: study.robustness.command -------------------------------------------------------------
@@ -248,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trial_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    _add_study_commands(sub)  # run, resume, report
+    _add_study_commands(sub)  # run, resume, report, ui
     _add_evaluate(sub)
     return parser
 

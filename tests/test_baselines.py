@@ -21,7 +21,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import create_trial
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, mlflow_trial_runs
 
 from analysis import pareto, recommend
 from analysis.report_data import BASELINES_FILE, read_baselines
@@ -267,6 +267,110 @@ def test_a_hand_written_file_is_kept_aside_and_trials_without_models_get_no_base
 
 
 # ---------------------------------------------------------------------------------------------------
+# The baselines as MLflow runs: a real MLflow store (sqlite), the baseline figures faked (no Ray here).
+
+
+def _tracked(tmp_path, **overrides):
+    """A _study with a real MLflow store, its parent run open."""
+    from study.search.recording.tracking import Tracker, open_parent_run
+
+    st = _study(tmp_path, **overrides)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "quickstart", artifact_root=str(tmp_path / "mlartifacts" / "quickstart"))
+    st.manifest.tracking_uri = uri
+    st.manifest.parent_run_id = open_parent_run(tracker, "quickstart")
+    return st, tracker
+
+
+def _baseline_runs(tracker, parent):
+    return tracker.client.search_runs([tracker.experiment_id], filter_string=
+                                      f"tags.mlflow.parentRunId = '{parent}' and tags.run_role = 'baseline'")
+
+
+def test_baselines_are_mlflow_runs_beside_the_trials_found_again_on_a_rerun(tmp_path, fake_runs):
+    from analysis.report_data import mlflow_run_ids
+    from study.keys import ROLE_TAG, trial_run_key
+    from study.search.front.front_files import TEST_METRICS
+    from study.search.recording import baseline_runs
+    from study.search.recording.study_mlflow import record_unstarted
+
+    st, tracker = _tracked(tmp_path)
+    parent = st.manifest.parent_run_id
+    study = _optuna([_trial(0.05, 0.3, "ssi"), _trial(0.05, 0.3, "snip"), _trial(0.2, 0.5), _trial(0.3, 0.2)])
+    _models(st, 0, 1, 2)
+    trials = {}
+    for t in study.trials:  # the trials' runs, as the MLflow callback leaves them (still RUNNING)
+        trials[t.number] = tracker.create_run(f"quickstart-{t.number:04d}", {
+            **trial_run_key("quickstart", t.number, parent), ROLE_TAG: "trial"})
+        tracker.log_batch(trials[t.number], metrics={k: v for k, v in t.user_attrs.items()} | {
+            "val_robust_acc": t.values[1]}, params=st.trial_config({**t.params, NUMBER_KEY: t.number}).flat())
+    assert baselines.run_baselines(st, study, tracker, 1, 0) == 2
+    saved = json.loads((st.paths.root / BASELINES_FILE).read_text())
+    runs = _baseline_runs(tracker, parent)
+    assert len(runs) == 2
+    by_key = {r.data.tags["baseline_key"]: r for r in runs}
+    for e in saved:
+        run = by_key[baseline_runs.key_of(e)]
+        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        assert (tags["study"], tags["mlflow.parentRunId"], tags["run_role"]) == ("quickstart", parent, "baseline")
+        assert tags["baseline"].startswith(f"lwm keep {e['keep_fraction']:.4g}, {e['params_kept']:.0f} params")
+        assert tags["baseline_for_trials"] == ", ".join(map(str, e["for_trials"]))
+        assert tags["test_attack"] == e["test_attack"] and "optuna_trial_number" not in tags
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"quickstart-lwm-{e['for_trials'][0]:04d}"
+        # the names the trial runs carry: the size and validation objectives, and the confirmation's test figures
+        assert set(st.space.study.metrics) | {"val_clean_acc"} <= set(metrics)
+        assert set(metrics) == {"params_kept", "val_robust_acc", "val_clean_acc"} | {k for k in TEST_METRICS if k in e}
+        assert all(metrics[k] == pytest.approx(e[k]) for k in metrics)
+        assert (params["prune.method"], float(params["prune.keep_fraction"])) == ("lwm", e["keep_fraction"])
+        trial_params = tracker.client.get_run(trials[e["for_trials"][0]]).data.params
+        assert set(params) - {"pretrain_key"} <= set(trial_params)  # the runs table's columns line up
+        artifacts = [a.path for a in tracker.client.list_artifacts(run.info.run_id)]
+        assert artifacts == [baseline_runs.ARTIFACT]
+    ids = {r.info.run_id for r in runs}
+
+    # the trials' readers do not take them for trials
+    assert mlflow_run_ids(tracker, "quickstart", parent) == trials
+    for t in study.trials:
+        assert tracker.find_run(trial_run_key("quickstart", t.number, parent)).info.run_id == trials[t.number]
+    assert tracker.close_trial_runs(parent, "KILLED", "stopped") == len(trials)
+    assert {tracker.client.get_run(i).info.status for i in ids} == {"FINISHED"}
+    # a trial that never started gets its run (number 4), the baselines' runs count as no trial's
+    unstarted = _optuna([*study.trials, create_trial(state=optuna.trial.TrialState.FAIL, params={}, distributions={})])
+    record_unstarted(st, unstarted, tracker)
+    nested = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.data.tags.get(NUMBER_KEY, r.data.tags["run_role"]) for r in nested) == \
+        ["0", "1", "2", "3", "4", "baseline", "baseline"]
+    tracker.client.delete_run(next(r.info.run_id for r in nested if r.data.tags.get(NUMBER_KEY) == "4"))
+
+    # a rerun: no new run, no new metric value
+    assert baselines.run_baselines(st, study, tracker, 1, 0) == 0
+    again = _baseline_runs(tracker, parent)
+    assert {r.info.run_id for r in again} == ids
+    assert all(len(tracker.client.get_metric_history(i, "val_robust_acc")) == 1 for i in ids)
+
+    # a larger front: one more run; changed confirmation settings: the same runs, their figures updated
+    study.add_trial(_trial(0.1, 0.45))
+    _models(st, 4)
+    assert baselines.run_baselines(st, study, tracker, 1, 0) == 1
+    assert len(_baseline_runs(tracker, parent)) == 3 and ids < {r.info.run_id for r in _baseline_runs(tracker, parent)}
+    st2 = _study(tmp_path, **{"study.baselines": {"confirm": {"points": 64}}})
+    st2.manifest = st.manifest
+    assert baselines.run_baselines(st2, study, tracker, 1, 0) == 3
+    runs = _baseline_runs(tracker, parent)
+    assert len(runs) == 3 and ids < {r.info.run_id for r in runs}
+    assert {r.data.metrics["test_points"] for r in runs} == {64.0}
+    # a baseline no longer needed (its front trial lost its model): its run goes too, as its entry does
+    (layout.trial_dir(st.paths.root, 4) / "model.pt").unlink()
+    baselines.run_baselines(st2, study, tracker, 1, 0)
+    assert {r.info.run_id for r in _baseline_runs(tracker, parent)} == ids
+
+    # `--fresh` (delete_study_runs) removes them with the study's other runs
+    tracker.delete_study_runs("quickstart")
+    assert _baseline_runs(tracker, parent) == []
+
+
+# ---------------------------------------------------------------------------------------------------
 # End to end: a tiny digits study with the real pipeline.
 
 TINY = {"study.n_trials": 3, "study.max_concurrent": 2, "study.sampler": "random", "study.sampler_options": None,
@@ -292,6 +396,7 @@ def test_a_tiny_digits_study_runs_its_lwm_baseline_and_reports_it(tmp_path, caps
 
     from analysis.report import front_plot_inputs, recommend as recommend_models
     from analysis.report_data import collect
+    from study.search.recording.tracking import Tracker
     from study.trial.config import DataConfig
     from study.trial.data import load_dataset
     from study.trial.models import create_model
@@ -351,11 +456,21 @@ def test_a_tiny_digits_study_runs_its_lwm_baseline_and_reports_it(tmp_path, caps
     manifest = layout.Manifest.load(root / "study.json")
     client = MlflowClient(tracking_uri=manifest.tracking_uri)
     assert BASELINES_FILE in [a.path for a in client.list_artifacts(manifest.parent_run_id)]
+    # each one an MLflow run nested under it, with the figures its front trial's run carries, under the same names
+    _, trial_runs = mlflow_trial_runs(runs)
+    nested = _baseline_runs(Tracker(manifest.tracking_uri, "quickstart"), manifest.parent_run_id)
+    assert len(nested) == len(saved)
+    for run in nested:
+        trial_run = trial_runs[int(run.data.tags["baseline_for_trials"].split(",")[0])]
+        assert {"params_kept", "val_robust_acc", "test_robust_acc"} <= set(run.data.metrics) <= set(trial_run.data.metrics)
+        assert run.data.metrics["params_kept"] == trial_run.data.metrics["params_kept"]
     # a resume reuses them
     before = (root / BASELINES_FILE).read_bytes()
     resume_study("quickstart", runs_dir=runs)
     assert "LWM baseline at the front's sizes" not in capsys.readouterr().out
     assert (root / BASELINES_FILE).read_bytes() == before
+    again = _baseline_runs(Tracker(manifest.tracking_uri, "quickstart"), manifest.parent_run_id)
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in nested)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -303,3 +303,65 @@ def test_a_journal_left_by_a_killed_writer_is_rolled_back_not_refused(tmp_path):
     check_resumable(f"sqlite:///{db}", NAME, [0])
     assert not (tmp_path / "optuna.db-journal").exists()  # rolled back
     assert len(optuna.load_study(study_name=NAME, storage=f"sqlite:///{db}").trials) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# `study ui` on a copy of the finished study (its refusals: tests/test_ui.py).
+
+
+@pytest.mark.slow
+def test_ui_serves_a_copied_studys_own_artifacts(studies, tmp_path):
+    """A copied study folder (with its runs folder's mlflow.db and mlartifacts/) shown by `study ui`, no repair
+    step before: MLflow's server lists and sends the copy's artifacts, not the original's, and Ctrl-C stops it."""
+    import signal
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    from conftest import ROOT
+    from mlflow.tracking import MlflowClient
+
+    runs = tmp_path / "moved" / "runs"
+    shutil.copytree(studies["finished"], runs)
+    original = _hashes(studies["finished"])
+    artifact = sorted((runs / "mlartifacts" / NAME).glob("*/artifacts/trial_config.json"))[0]  # a trial run's
+    run_id = artifact.parent.parent.name
+    marker = json.dumps({"the copy's own": run_id}).encode()
+    artifact.write_bytes(marker)  # the original's file says something else
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "ui.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "study.cli", "ui", NAME, "--runs-dir", str(runs),
+                                 "--port", str(port), "--no-browser"], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 300
+        while "MLflow UI of study" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        client = MlflowClient(tracking_uri=base)  # MLflow's REST API
+        experiment = client.get_experiment_by_name(NAME).experiment_id
+        assert f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning" in log.read_text()
+        run = client.get_run(run_id)
+        assert run.data.tags["run_role"] == "trial"
+        assert "trial_config.json" in [a.path for a in client.list_artifacts(run_id)]
+        # through the server, as its UI reads them
+        with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_id={run_id}") as r:
+            assert "trial_config.json" in [f["path"] for f in json.loads(r.read())["files"]]
+        with urllib.request.urlopen(f"{base}/get-artifact?path=trial_config.json&run_uuid={run_id}") as r:
+            assert r.read() == marker
+        assert Path(client.download_artifacts(run_id, "trial_config.json", str(tmp_path))).read_bytes() == marker
+        assert run.info.artifact_uri.startswith((runs / "mlartifacts" / NAME).resolve().as_uri())
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rc = proc.wait(timeout=60)
+    text = log.read_text()
+    assert rc == 0 and "Traceback" not in text, text
+    with pytest.raises(urllib.error.URLError):  # the server is gone with it
+        urllib.request.urlopen(f"{base}/health", timeout=5)
+    assert _hashes(studies["finished"]) == original  # the original study is untouched

@@ -36,12 +36,12 @@ def print_final_checks(finals: Mapping[int, dict], robustness: Any) -> None:
 MLFLOW_UI = "http://127.0.0.1:5000"
 
 
-def mlflow_page(experiment_id: str | None) -> str:
-    """The experiment's runs in MLflow's UI. MLflow 3's UI opens the GenAI overview of an experiment unless
-    workflowType=machine_learning says otherwise."""
+def mlflow_page(experiment_id: str | None, base: str = MLFLOW_UI) -> str:
+    """The experiment's runs in MLflow's UI at `base`. MLflow 3's UI opens the GenAI overview of an experiment
+    unless workflowType=machine_learning says otherwise."""
     if not experiment_id:
-        return f"{MLFLOW_UI}/#/experiments"
-    return f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        return f"{base}/#/experiments"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str], experiment_id: str | None = None) -> None:

@@ -23,8 +23,10 @@ a larger front) while its config and confirmation settings are unchanged; a dama
 warning. Each model is saved as baselines/<front trial>/model.pt in the study folder only (the entry's `model`
 names it): baselines.json is logged to the study's MLflow parent run, the models are not, so a bucket holds a
 baseline's bytes once whatever MLflow's artifact location (the rule a trial's model follows where its run
-shares the study's bucket: study.search.recording.tracking.model_by_reference). The report (analysis.report) draws the
-entries beside the front.
+shares the study's bucket: study.search.recording.tracking.model_by_reference). Each entry is also an MLflow run
+nested under the parent run (tag run_role=baseline; study.search.recording.baseline_runs), with the trial runs'
+param and metric names, found again by its tags on a rerun. The report (analysis.report) draws the entries
+beside the front.
 """
 from __future__ import annotations
 
@@ -230,7 +232,8 @@ def run_baselines(st: "Study", optuna_study: Any, tracker: Any, cpus: float, gpu
         _run(st, todo, entries, confirm, cpus, gpus)
     done = [e for e in entries if e is not None]
     if not todo and saved is not None and done == saved:
-        return 0  # nothing new: the file stays as it is
+        record_runs(st, tracker, done)  # nothing new: the file stays as it is (its MLflow runs are checked)
+        return 0
     if saved and any("config" not in e for e in saved):  # written by hand (or an earlier release): kept aside
         backup = root / (BASELINES_FILE + ".bak")
         shutil.copyfile(root / BASELINES_FILE, backup)
@@ -243,7 +246,23 @@ def run_baselines(st: "Study", optuna_study: Any, tracker: Any, cpus: float, gpu
         tracker.log_file(st.manifest.parent_run_id, path)
     except Exception as e:  # noqa: BLE001 - the figures are saved in the study folder anyway
         log.warning("could not log %s to MLflow: %s", path, e)
+    record_runs(st, tracker, done)
     return sum(1 for i, *_ in todo if entries[i] is not None)
+
+
+def record_runs(st: "Study", tracker: Any, entries: Sequence[Mapping[str, Any]]) -> None:
+    """The entries as MLflow runs nested under the study's parent run (study.search.recording.baseline_runs),
+    beside the trials' runs in MLflow's table and charts. A store that refuses is a warning."""
+    from study.search.recording import baseline_runs
+
+    parent = st.manifest.parent_run_id
+    if not parent:
+        log.warning("the LWM baselines are not recorded as MLflow runs: the study has no parent run")
+        return
+    try:
+        baseline_runs.record(tracker, st.space.study.name, parent, entries)
+    except Exception as e:  # noqa: BLE001 - the figures are saved in the study folder anyway
+        log.warning("could not record the LWM baselines as MLflow runs: %s", e)
 
 
 def _run(st: "Study", todo: list, entries: list, confirm: Any, cpus: float, gpus: float) -> None:
