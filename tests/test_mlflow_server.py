@@ -64,7 +64,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished(server, tmp_path_factory):
-    """A 3-trial quickstart on digits with the real pipeline, recorded by the server, then reported."""
+    """A 3-trial quickstart on digits with the real pipeline (the front confirmed on a small test budget, LWM
+    baselines at its sizes), recorded by the server, then reported again."""
     from study.search.optimize.space import load_space
     from study.search.study import report_study, run_study
 
@@ -72,8 +73,10 @@ def finished(server, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     space = load_space(QUICKSTART, {"study.n_trials": 3, "study.max_concurrent": 2, "trial.pretrain.epochs": 2,
                                     "trial.prune_stage.epochs": 1, "trial.finetune.epochs": 1,
-                                    "trial.eval.points": 100, "trial.eval.val_points": 100})
-    outcome = run_study(space, runs_dir=runs, tracking_uri=url, final_eval=False)
+                                    "trial.eval.points": 100, "trial.eval.val_points": 100,
+                                    "study.confirm": {"points": 32, "steps": 10, "restarts": 1, "autoattack": False},
+                                    "study.baselines": True})
+    outcome = run_study(space, runs_dir=runs, tracking_uri=url)
     assert outcome.status == "complete"
     report_study("quickstart", runs_dir=runs)
     return url, runs
@@ -136,50 +139,102 @@ def test_trials_models_are_logged_and_the_recommended_one_is_registered(finished
         assert torch.equal(a, b), k
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SHOTS = os.environ.get("STUDY_SCREENSHOTS")  # a folder (docs/img) to keep the screenshots in, e.g. to refresh them
-
-
-def _chromium(tmp_path: Path, *args: str) -> str:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
-           f"--user-data-dir={tmp_path / 'chromium'}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path).stdout
-
-
-def _page(tmp_path: Path, url: str, shot: str, must_show: list[str]) -> str:
-    """The page's DOM once rendered (the MLflow UI fetches its data after loading: Chromium's virtual time
-    lets it settle), retried while what a user must see is not there yet; a 1280-px screenshot of it."""
-    for budget in (15000, 30000, 60000):
-        dom = _chromium(tmp_path, f"--virtual-time-budget={budget}", "--window-size=1280,900", "--dump-dom", url)
-        if all(text in dom for text in must_show):
-            break
-    folder = Path(SHOTS) if SHOTS else tmp_path
-    folder.mkdir(parents=True, exist_ok=True)
-    _chromium(tmp_path, "--virtual-time-budget=30000", "--window-size=1280,900", "--hide-scrollbars",
-              f"--screenshot={folder / shot}", url)
-    from PIL import Image
-
-    with Image.open(folder / shot) as im:  # the page paints: more than a blank sheet
-        assert len(set(im.convert("L").resize((128, 90)).getdata())) > 20, shot
-    return dom
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
-def test_mlflow_ui_shows_the_trials_and_their_models_in_headless_chromium(finished, tmp_path):
+def test_baselines_are_runs_beside_the_trials(finished):
     from mlflow.tracking import MlflowClient
 
     url, runs = finished
     client = MlflowClient(tracking_uri=url)
     exp = client.get_experiment_by_name("quickstart").experiment_id
-    names = [r.info.run_name for r in client.search_runs([exp], filter_string="tags.run_role = 'trial'")]
+    parent = client.search_runs([exp], filter_string="tags.run_role = 'study'")[0].info.run_id
+    baselines = client.search_runs([exp], filter_string="tags.run_role = 'baseline'")
+    saved = json.loads((runs / "quickstart" / "baselines.json").read_text())
+    assert baselines and len(baselines) == len(saved["baselines"] if isinstance(saved, dict) else saved)
+    trial_metrics = set().union(*(r.data.metrics for r in client.search_runs([exp], filter_string="tags.run_role = 'trial'")))
+    for b in baselines:  # nested under the study, compared on the trials' own metric names
+        assert b.data.tags["mlflow.parentRunId"] == parent and b.data.params["prune.method"] == "lwm"
+        assert {"params_kept", "val_robust_acc"} <= b.data.metrics.keys() <= trial_metrics | {"test_points"}
+
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = os.environ.get("STUDY_SCREENSHOTS")  # a folder (docs/img) to keep the screenshots in, to refresh them
+# .ci/run installs Chromium and sets this: there the browser test must run, never be skipped
+BROWSER_REQUIRED = os.environ.get("STUDY_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture()
+def page(tmp_path):
+    """A headless Chromium page (Playwright driving Debian's Chromium) at 1,280 x 900 px."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if CHROMIUM is None or sync_playwright is None:
+        why = "headless Chromium (apt-get install chromium) and playwright (pip install -e '.[dev]') are needed"
+        if BROWSER_REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-quic",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 900})
+        finally:
+            browser.close()
+
+
+def _close_assistant(page) -> None:
+    """MLflow 3.17's UI opens an assistant side panel: closed for the screenshots (nothing is asserted on it)."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
+def _shot(page, tmp_path: Path, name: str) -> None:
+    folder = Path(SHOTS) if SHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name))
+
+
+def test_mlflow_ui_and_report_as_a_user_sees_them_in_headless_chromium(finished, page, tmp_path):
+    """The MLflow runs view lists the trials and the baselines (the study's parent run expanded, as a user
+    clicks it open), the experiment's Models tab every trial's model, the registered model its alias, and the
+    study report shows every image decoded."""
+    from mlflow.tracking import MlflowClient
+
+    url, runs = finished
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("quickstart").experiment_id
+    trials = [r.info.run_name for r in client.search_runs([exp], filter_string="tags.run_role = 'trial'")]
+    baselines = [r.info.run_name for r in client.search_runs([exp], filter_string="tags.run_role = 'baseline'")]
     models = [m.name for m in client.search_logged_models(experiment_ids=[exp])]
-    assert names and models
-    dom = _page(tmp_path, f"{url}/#/experiments/{exp}/runs", "mlflow_runs.png", names)
-    missing = [n for n in names if n not in dom]
-    assert not missing, f"runs view lacks {missing}"
-    dom = _page(tmp_path, f"{url}/#/experiments/{exp}/models", "mlflow_models.png", models)
-    missing = [n for n in models if n not in dom]
-    assert not missing, f"Models tab lacks {missing}"
-    dom = _page(tmp_path, f"{url}/#/models/quickstart", "mlflow_registry.png", ["recommended"])
-    assert "recommended" in dom  # the registered model's alias
+    assert trials and baselines and models
+
+    ml = "workflowType=machine_learning"  # MLflow's "Model training" view of an experiment (not GenAI's)
+    page.goto(f"{url}/#/experiments/{exp}/runs?{ml}")
+    page.locator(".ag-row a", has_text="quickstart").first.wait_for(timeout=90_000)
+    expand = page.locator("button[data-component-id*='runnamecellrenderer']")  # the parent run's "+" (nested runs)
+    for i in range(expand.count()):
+        expand.nth(i).click()
+    for name in trials + baselines:
+        page.locator(".ag-row", has_text=name).first.wait_for(timeout=60_000)
+    _close_assistant(page)
+    _shot(page, tmp_path, "mlflow_runs.png")
+
+    page.goto(f"{url}/#/experiments/{exp}/models?{ml}")
+    for name in models:
+        page.get_by_text(name, exact=True).first.wait_for(timeout=90_000)
+    _shot(page, tmp_path, "mlflow_models.png")
+
+    page.goto(f"{url}/#/models/quickstart?{ml}")
+    page.get_by_text("@ recommended").or_(page.get_by_text("recommended", exact=True)).first.wait_for(timeout=90_000)
+    _shot(page, tmp_path, "mlflow_registry.png")
+
+    report = runs / "quickstart" / "report" / "index.html"
+    page.goto(report.as_uri())
+    page.wait_for_load_state("load")
+    images = page.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    assert len(images) >= 4 and all(done and w > 300 and h > 200 for done, w, h in images), images
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # the page reads at 1,280 px
+    _shot(page, tmp_path, "report.png")
