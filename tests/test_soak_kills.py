@@ -229,7 +229,10 @@ def soak(cluster, tmp_path: Path, kind: str, kills: int, seed: int) -> dict:
                 # 0: the study ended as the signal came; -SIGINT: it came during the interpreter's exit, after
                 # Python put back the default handler (a shell shows 130 for both that and a handled Ctrl-C)
                 assert rc in (0, 130, -signal.SIGINT), (rc, tail(log))
-                assert "Traceback" not in log.read_text(errors="replace"), tail(log)
+                # the driver's own output; a trial worker's lines (Ray prefixes them "(study_trainable pid=N)") may
+                # carry Ray's own SIGTERM teardown ("Exception ignored ... SystemExit: 1"), once in 20 soak kills
+                driver = [ln for ln in log.read_text(errors="replace").splitlines() if " pid=" not in ln[:60]]
+                assert not [ln for ln in driver if "Traceback" in ln], tail(log)
             else:
                 assert rc == 0, (rc, tail(log))
             cluster.wait_idle()  # a dead driver's trial actors are gone before the next driver starts
