@@ -1,6 +1,6 @@
 """Progress lines of long evaluations (study.robustness.progress, study.search.front.progress): the
 confirmation's PGD and AutoAttack per batch of points with an ETA, throttled, carried from Ray tasks to
-the driver."""
+the driver; and Tune's progress table with the study's columns (study.search.running.progress_table)."""
 from __future__ import annotations
 
 import logging
@@ -231,3 +231,28 @@ def test_the_driver_prints_the_progress_of_its_ray_tasks():
         mine = [u for lab, u in shown if lab == label]
         assert [u.done for u in mine] == [0, 2, 4, 4] and mine[-1].final, shown
         assert mine[1].eta_s is not None
+
+
+def test_the_tune_table_shows_params_kept_and_the_searched_parameters(monkeypatch):
+    from ray import tune
+
+    from conftest import QUICKSTART
+    from study.search.optimize.space import load_space
+    from study.search.running import progress_table
+
+    space = load_space(QUICKSTART, {"study.objectives": [{"metric": "params_kept", "mode": "min"},
+                                                         {"metric": "robust.linf.0.1", "mode": "max"}],
+                                    "study.robustness": {"threats": {"linf": [0.1]}}})
+    assert isinstance(progress_table.reporter(space), tune.CLIReporter)
+    monkeypatch.setattr(tune, "CLIReporter", dict)  # the columns it is given
+    given = progress_table.reporter(space)
+    metrics, params = given["metric_columns"], given["parameter_columns"]
+    assert list(params) == space.keys and "prune.keep_fraction" in params
+    assert given["print_intermediate_tables"] and given["max_report_frequency"] == progress_table.REPORT_EVERY_S
+    assert list(metrics)[:5] == ["stage", "epoch", "params_kept", "robust.linf.0.1", "val_clean_acc"]
+    assert "time_total_s" in metrics
+    monkeypatch.delenv(progress_table.OUTPUT_ENV, raising=False)
+    progress_table.use_table_output()
+    from ray.tune.experimental.output import AirVerbosity, get_air_verbosity
+
+    assert get_air_verbosity(AirVerbosity.DEFAULT) is None  # Tune's table output: the reporter is used

@@ -215,6 +215,8 @@ def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
     study = _optuna(tmp_path)
     front = {t.number for t in study.best_trials}
     assert 1 <= len(front) < 3  # at least one trial is dominated
+    # Tune's table has the searched parameters and params_kept (study.search.running.progress_table)
+    assert any("Trial name" in ln and "prune.keep_fraction" in ln and "params_kept" in ln for ln in out.splitlines())
     # progress lines of each front trial's confirmation, from its Ray task (study.search.front.progress)
     for n in front:
         lines = [ln.split(": ", 1)[1] for ln in err.splitlines() if re.match(rf"\[study\] confirming trial {n} \(\d/{len(front)}\): ", ln)]
