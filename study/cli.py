@@ -267,19 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Libraries whose routine lines would fill a study's log: MLflow's store creation (alembic's migration steps,
-# "Creating initial MLflow database tables"), matplotlib's one-time font-cache notice.
-QUIET_LOGGERS = {"alembic": logging.WARNING, "mlflow.store.db.utils": logging.WARNING,
-                 "matplotlib.font_manager": logging.ERROR}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for name, level in QUIET_LOGGERS.items():  # their INFO lines say nothing a user acts on
-        logging.getLogger(name).setLevel(level)
+    from study.search.running.quiet import quiet_libraries
+
+    quiet_libraries()  # alembic's, MLflow's store-creation and matplotlib's font-cache lines
     func: Callable[[argparse.Namespace], int] = args.func
     if args.command in ("run", "resume"):  # before anything imports ray (study.search.running.ray_cluster)
         from study.search.running.ray_cluster import keep_local_ray_on_loopback

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 
 import optuna
@@ -209,11 +210,20 @@ def test_the_front_is_confirmed_on_the_test_split(tmp_path, capsys):
     space = _space(n_trials=3, **{"study.sampler": "random", "study.sampler_options": None, "trial.model.width": 8,
                                   "trial.eval.eps": 0.03, "study.confirm": confirm})
     outcome = _run(tmp_path, space, run_trial=trained_model_trial)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert outcome.status == "complete" and outcome.complete == 3
     study = _optuna(tmp_path)
     front = {t.number for t in study.best_trials}
     assert 1 <= len(front) < 3  # at least one trial is dominated
+    # Tune's table has the searched parameters and params_kept (study.search.running.progress_table)
+    assert any("Trial name" in ln and "prune.keep_fraction" in ln and "params_kept" in ln for ln in out.splitlines())
+    # progress lines of each front trial's confirmation, from its Ray task (study.search.front.progress)
+    for n in front:
+        lines = [ln.split(": ", 1)[1] for ln in err.splitlines() if re.match(rf"\[study\] confirming trial {n} \(\d/{len(front)}\): ", ln)]
+        assert "PGD-10 x2 restarts Linf eps=0.03: 0/48 points, 0 s" in lines, err
+        assert "AutoAttack standard Linf eps=0.03: 0/48 points, 0 s" in lines, err
+        for what in ("PGD-10 x2 restarts Linf eps=0.03", "AutoAttack standard Linf eps=0.03"):
+            assert any(re.fullmatch(rf"{what}: 48/48 points in \d+ s", ln) for ln in lines), lines
     attack = "PGD-10 x2 restarts (step 2.5*eps/10) + standard AutoAttack, Linf eps 0.03, 48 test points"
     rows = pareto.read_csv(outcome.pareto_csv)
     assert {int(r["trial"]) for r in rows} == front

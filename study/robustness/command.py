@@ -140,6 +140,7 @@ def _evaluate(args: SimpleNamespace, target: Target, reference: Target | None, t
 
     from study.trial.data import load_dataset
     from study.robustness import EvalBudget, evaluate_robustness
+    from study.robustness.progress import printer
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -174,7 +175,7 @@ def _evaluate(args: SimpleNamespace, target: Target, reference: Target | None, t
           + (f"; reference {reference.text}" if reference else ""), flush=True)
     report = evaluate_robustness(model, splits.x_test, splits.y_test, threats=spec, budget=budget,
                                  autoattack=aa, reference_model=ref_model, device=device,
-                                 autoattack_eps=aa_eps if aa else None)
+                                 autoattack_eps=aa_eps if aa else None, progress=printer("study evaluate"))
     print(report.table())
     wall = time.perf_counter() - t_start
     print(f"\nwall time of the command: {wall:.1f} s (evaluation {report.wall_s['total']:.1f} s)")

@@ -22,6 +22,7 @@ from study.robustness import checks as C
 from study.robustness.attacks import BLACK_BOX, CURVE, PRIMARY, attack, correct
 from study.robustness.autoattack import autoattack as run_autoattack
 from study.robustness.curves import Curve, from_flags
+from study.robustness.progress import Sink
 from study.robustness.scenario import ScenarioRow, TransferResult, scenario_table, transfer
 from study.robustness.threats import AUTOATTACK_NORMS as AA_THREATS
 from study.robustness.threats import Threat
@@ -138,12 +139,14 @@ def evaluate_robustness(model: nn.Module, x: Tensor, y: Tensor, *, threats: dict
                         budget: EvalBudget, autoattack: bool = False, reference_model: nn.Module | None = None,
                         scenario_r: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0),
                         device: torch.device | str | None = None,
-                        autoattack_eps: dict[str, list[float]] | None = None) -> RobustnessReport:
+                        autoattack_eps: dict[str, list[float]] | None = None,
+                        progress: Sink | None = None) -> RobustnessReport:
     """Clean accuracy, robustness curves, sanity checks and (optionally) AutoAttack and transfer results
     for `model` (images in [0, 1] -> logits) on `budget.points` seeded points of (x, y).
 
     threats: threat name ('linf', 'l2', 'l0') -> eps list in that threat's unit (see Threat.unit).
     autoattack_eps: where AutoAttack runs (default: every eps > 0 of linf and l2).
+    progress: AutoAttack's progress per batch of points (study.robustness.progress).
     """
     spec = _validate(threats, x, y, scenario_r)
     aa_spec = _validate_aa(autoattack_eps, spec) if autoattack else {}
@@ -161,13 +164,13 @@ def evaluate_robustness(model: nn.Module, x: Tensor, y: Tensor, *, threats: dict
         stack.enter_context(_eval_mode(model))
         if reference_model is not None:
             stack.enter_context(_eval_mode(reference_model))
-        report = _evaluate(model, x, y, spec, budget, aa_spec, reference_model, list(scenario_r), dev)
+        report = _evaluate(model, x, y, spec, budget, aa_spec, reference_model, list(scenario_r), dev, progress)
     report.wall_s["total"] = time.perf_counter() - start
     return report
 
 
 def _evaluate(model, x, y, spec: dict[Threat, list[float]], b: EvalBudget, aa_spec: dict[Threat, list[float]],
-              reference, rs: list[float], dev: torch.device) -> RobustnessReport:
+              reference, rs: list[float], dev: torch.device, progress: Sink | None = None) -> RobustnessReport:
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(b.seed))[: b.points]
     xs, ys = x[perm].to(dev), y[perm].to(dev)
     kw = dict(steps=b.steps, restarts=b.restarts, seed=b.seed, queries=b.square_queries, batch_size=b.batch_size)
@@ -198,7 +201,8 @@ def _evaluate(model, x, y, spec: dict[Threat, list[float]], b: EvalBudget, aa_sp
         c = report.curves[t.value]
         for e in aa_eps:
             t0 = time.perf_counter()
-            aa_flags, messages = run_autoattack(model, xs, ys, t, e, seed=b.seed, batch_size=b.batch_size)
+            aa_flags, messages = run_autoattack(model, xs, ys, t, e, seed=b.seed, batch_size=b.batch_size,
+                                                progress=progress)
             wall = time.perf_counter() - t0
             aa = float(aa_flags.float().mean())
             pgd = c.per_attack[PRIMARY[t]][c.eps.index(e)] if e in c.eps else acc(PRIMARY[t], t, e)

@@ -1,6 +1,7 @@
 """What a study prints in the terminal: the Pareto front, the suite's sanity checks, how to look at it."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -63,3 +64,10 @@ def print_viewers(paths: StudyPaths, manifest: Manifest, metrics: list[str], exp
 def print_interrupted(name: str, done: int, n_trials: int, runs_dir: str | None) -> None:
     print(f"\n[study] {name}: interrupted after {done} of {n_trials} trials. Continue with:\n"
           f"    study resume {name}" + (f" --runs-dir {runs_dir}" if runs_dir else ""), flush=True)
+
+
+def print_progress(label: str, update: Any) -> None:
+    """One progress line of a long evaluation (a study.robustness.progress.Update), on stderr beside the
+    log: e.g. "[study] confirming trial 12 (2/3): AutoAttack standard Linf eps=0.1, apgd-t (2/4): 256/300
+    points, 41 s, ETA 17 s"."""
+    print(f"[study] {label}: {update.text()}", file=sys.stderr, flush=True)

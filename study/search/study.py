@@ -52,7 +52,7 @@ from study.search.optimize.optuna_search import (check_resumable, counts, fail_r
                                                  load_optuna_study, open_storage, refuse_existing)
 from study.search.optimize.space import SearchSpace, load_space
 from study.search.recording import study_mlflow
-from study.search.running import startup
+from study.search.running import progress_table, startup
 from study.search.running.ray_cluster import resolve_gpus
 from study.search.running.trainable import build_config, pretrain_task, study_trainable
 
@@ -257,6 +257,7 @@ class Study:
         os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "10"
         # Tune's TensorBoard logger (an import and an event file per result); its JSON and CSV loggers stay
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        progress_table.use_table_output()  # Tune's table with params_kept and the searched parameters
         if self.paths.experiment_exists():
             log.info("replacing Tune's folder of an earlier run, %s (scratch)", self.paths.experiment_location)
             self.paths.remove_experiment()
@@ -273,7 +274,8 @@ class Study:
             run_config=tune.RunConfig(
                 name=s.name, storage_path=self.paths.tune_storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),  # a dead worker's trial: again
-                callbacks=study_mlflow.callbacks(self, tracker, parent, reasons), stop=dense.guard()),
+                callbacks=study_mlflow.callbacks(self, tracker, parent, reasons), stop=dense.guard(),
+                progress_reporter=progress_table.reporter(self.space), verbose=progress_table.VERBOSE),
         )
 
     def finish(self, optuna_study: Any, tracker: Any | None = None, report_tracker: Any | None = None) -> Outcome:

@@ -7,7 +7,7 @@ The full multi-threat suite (L0/L2/Linf curves, AutoAttack, sanity checks) is `s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchattacks
@@ -68,8 +68,10 @@ def pgd_flags(
     restarts: int = 1,
     seed: int = 0,
     batch_size: int = 512,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-point flags (clean correct, correct under every PGD restart) on all of x."""
+    """Per-point flags (clean correct, correct under every PGD restart) on all of x. `on_batch(done)`:
+    called after each batch with the points done so far (a progress line)."""
     if eps < 0:
         raise ValueError("evaluation eps must be given and >= 0")
     alpha = relative_step(step_size, steps) * eps
@@ -96,6 +98,8 @@ def pgd_flags(
                             still[idx] = model(adv).argmax(1) == yb[idx]
                 clean.append(ok)
                 robust.append(still)
+                if on_batch is not None:
+                    on_batch(min(i + batch_size, len(x)))
     finally:
         model.train(was_training)
     empty = torch.zeros(0, dtype=torch.bool, device=x.device)

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from study.keys import NUMBER_KEY, TEST_PREFIX, trial_run_key
+from study.search import console
 from study.search.folder.layout import CONFIRM_FILE, trial_dir
 from study.search.front import front_files
+from study.search.front.progress import Board
 from study.search.front.robust_eval import evaluate_on_test
 
 if TYPE_CHECKING:
@@ -31,9 +33,8 @@ def evaluate_front(st: "Study", optuna_study: Any, tracker: Any, cpus: float, gp
     - with a study.robustness section, the suite's final budget; saved as trials/<n>/robustness_final.json,
       logged with the `test.` prefix.
 
-    A part saved with the same settings is not redone (resume, report). Returns the trials evaluated."""
-    import ray
-
+    A part saved with the same settings is not redone (resume, report). Progress lines while it runs
+    (study.search.front.progress). Returns the trials evaluated."""
     from analysis import pareto
 
     s = st.space.study
@@ -56,15 +57,27 @@ def evaluate_front(st: "Study", optuna_study: Any, tracker: Any, cpus: float, gp
     parts = [conf.attack_text(eps)] + ([f"robustness suite ({suite.final_budget.text()})"]
                                     if suite is not None else [])
     print(f"[study] test-split evaluation of {len(todo)} Pareto-front trial(s): {'; '.join(parts)} ...", flush=True)
+    board = Board([t.number for t, *_ in todo], console.print_progress)  # progress lines (front.progress)
+    try:
+        return _evaluate(st, tracker, todo, board, cpus, gpus)
+    finally:
+        board.close()
+
+
+def _evaluate(st: "Study", tracker: Any, todo: list, board: Board, cpus: float, gpus: float) -> int:
+    import ray
+
+    s = st.space.study
+    suite, conf = s.robustness, s.confirm
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(evaluate_on_test)
     refs = [task.remote(st.trial_config({**t.params, NUMBER_KEY: t.number}),
                         str(folder / "model.pt"), conf if need_confirm else None,
-                        suite if need_suite else None, max(1, int(cpus)))
+                        suite if need_suite else None, max(1, int(cpus)), board.sink(t.number))
             for t, folder, need_confirm, need_suite in todo]
     done = 0
     for (t, folder, _, _), ref in zip(todo, refs):
         try:
-            payload, report = ray.get(ref)
+            payload, report = board.get(ref)
         except Exception as e:  # one trial's evaluation failing must not lose the study's report
             log.warning("test-split evaluation of trial %d failed: %s", t.number, e)
             continue

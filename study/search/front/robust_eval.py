@@ -33,9 +33,9 @@ SHADOWED = ("clean_acc",)
 
 
 def evaluate(cfg: Any, model_state: Mapping[str, Any], settings: RobustnessSettings, *, final: bool,
-             device: Any = None, splits: Any = None) -> Any:
+             device: Any = None, splits: Any = None, progress: Any = None) -> Any:
     """The suite on the trial's model: validation split with the search budget, or test split with the
-    final budget (and AutoAttack where set). Returns the RobustnessReport."""
+    final budget (and AutoAttack where set, its progress to the Sink `progress`). Returns the RobustnessReport."""
     import torch
 
     from study.trial.data import load_dataset
@@ -47,7 +47,7 @@ def evaluate(cfg: Any, model_state: Mapping[str, Any], settings: RobustnessSetti
     sp = splits if splits is not None else load_dataset(cfg.data, device)
     model = load_exported(cfg, model_state, sp.info, device)
     x, y = (sp.x_test, sp.y_test) if final else (sp.x_val, sp.y_val)
-    return evaluate_robustness(model, x, y, device=device, **settings.suite_kwargs(final))
+    return evaluate_robustness(model, x, y, device=device, progress=progress, **settings.suite_kwargs(final))
 
 
 def search_metrics(report: Any, pipeline_metrics: Mapping[str, float]) -> dict[str, float]:
@@ -58,9 +58,10 @@ def search_metrics(report: Any, pipeline_metrics: Mapping[str, float]) -> dict[s
 
 
 def evaluate_on_test(cfg: Any, model_path: str, confirm_settings: ConfirmSettings | None,
-              suite: RobustnessSettings | None, threads: int = 1) -> tuple[dict | None, Any]:
+              suite: RobustnessSettings | None, threads: int = 1, progress: Any = None) -> tuple[dict | None, Any]:
     """Body of the Ray task that evaluates one front trial on the TEST split (on a trial's resources): the
-    confirmation (None: skipped) and the suite's final part (None: skipped). Returns (payload, report)."""
+    confirmation (None: skipped) and the suite's final part (None: skipped). Returns (payload, report).
+    `progress.part(name)`: the Sink of each part's progress (study.search.front.progress.TrialSink)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
@@ -72,8 +73,11 @@ def evaluate_on_test(cfg: Any, model_path: str, confirm_settings: ConfirmSetting
     state = load_state(model_path)  # either format, torch's weights-only unpickler
     device = _device(cfg)
     sp = load_dataset(cfg.data, device)
-    payload = confirm(cfg, state, confirm_settings, device=device, splits=sp) if confirm_settings else None
-    report = evaluate(cfg, state, suite, final=True, device=device, splits=sp) if suite is not None else None
+    part = progress.part if progress is not None else (lambda name: None)
+    payload = (confirm(cfg, state, confirm_settings, device=device, splits=sp, progress=part("confirming"))
+               if confirm_settings else None)
+    report = (evaluate(cfg, state, suite, final=True, device=device, splits=sp, progress=part("robustness suite on"))
+              if suite is not None else None)
     return payload, report
 
 
@@ -88,12 +92,14 @@ def _device(cfg: Any) -> Any:
 
 
 def confirm(cfg: Any, model_state: Mapping[str, Any], settings: ConfirmSettings = CONFIRM_DEFAULT, *,
-            device: Any = None, splits: Any = None) -> dict[str, Any]:
+            device: Any = None, splits: Any = None, progress: Any = None) -> dict[str, Any]:
     """The chosen model's test figures at the trial's eval eps (Linf). Per point: clean, PGD (correct under
     every restart), AutoAttack; `test_robust_acc` = correct under both, so it is never above either.
-    Returns the payload saved as confirm.json: budget, eps, test_attack, metrics, AutoAttack's warnings."""
+    Returns the payload saved as confirm.json: budget, eps, test_attack, metrics, AutoAttack's warnings.
+    `progress`: a study.robustness.progress.Sink, given an Update per batch of points of PGD and AutoAttack."""
     import time
 
+    from study.robustness.progress import Meter
     from study.trial.data import load_dataset
     from study.trial.models import load_exported
     from study.trial.evaluation import pgd_flags, subset
@@ -104,8 +110,11 @@ def confirm(cfg: Any, model_state: Mapping[str, Any], settings: ConfirmSettings 
     x, y = subset(sp.x_test, sp.y_test, settings.points, settings.seed)
     eps, n = cfg.eval_eps, len(x)
     t0 = time.perf_counter()
+    meter = Meter(progress, f"PGD-{settings.steps} x{settings.restarts} restarts Linf eps={eps:g}", n)
     clean, robust = pgd_flags(model, x, y, eps=eps, steps=settings.steps, step_size=settings.step_size,
-                              restarts=settings.restarts, seed=settings.seed, batch_size=cfg.data.eval_batch_size)
+                              restarts=settings.restarts, seed=settings.seed, batch_size=cfg.data.eval_batch_size,
+                              on_batch=meter.update)
+    meter.finish()
     wall = {"pgd": time.perf_counter() - t0}
     metrics = {"test_clean_acc": _mean(clean), "test_pgd_acc": _mean(robust)}
     flags: list[str] = []
@@ -114,7 +123,8 @@ def confirm(cfg: Any, model_state: Mapping[str, Any], settings: ConfirmSettings 
         from study.robustness.threats import Threat
 
         t0 = time.perf_counter()
-        aa, flags = autoattack(model, x, y, Threat.LINF, eps, seed=settings.seed, batch_size=cfg.data.eval_batch_size)
+        aa, flags = autoattack(model, x, y, Threat.LINF, eps, seed=settings.seed, batch_size=cfg.data.eval_batch_size,
+                               progress=progress)
         wall["autoattack"] = time.perf_counter() - t0
         metrics["test_autoattack_acc"] = _mean(aa)
         robust = robust & aa.to(robust.device)

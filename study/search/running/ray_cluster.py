@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any
 
+from study.search.running import quiet
+
 log = logging.getLogger("study.search")
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # small: trial data lives in the trial, not in Ray's store
 SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch: 0 = single-node Ray on the loopback IP
@@ -33,6 +35,7 @@ def keep_local_ray_on_loopback(address: str | None = None) -> bool:
     and its child processes must agree with it); a value the user set is kept. True when it takes effect."""
     if joins_cluster(address) or "ray" in sys.modules:
         return False
+    quiet.local_ray_auth(joins_cluster=False)  # Ray's token authentication, without its warning (quiet)
     os.environ.setdefault(SINGLE_NODE_ENV, "0")
     return os.environ[SINGLE_NODE_ENV] == "0"
 

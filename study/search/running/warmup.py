@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from study.search.running import quiet
+
 _threads: dict[str, tuple[threading.Thread, threading.Event, dict]] = {}
 _report: list[threading.Thread] = []
 # Imported by the main thread before the warm-up starts: packages that both threads import next (Optuna's
@@ -52,6 +54,7 @@ def start_mlflow(uri: str) -> None:
         return
     import importlib
 
+    quiet.quiet_loggers()  # before alembic's first import: its "setup plugin" lines (study.search.running.quiet)
     for name in SHARED_IMPORTS:
         importlib.import_module(name)
     go, state = threading.Event(), {"imported": threading.Event()}
