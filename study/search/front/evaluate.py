@@ -112,7 +112,7 @@ def _log_confirm(tracker: Any, run_id: str | None, trial: Any, payload: Mapping[
     if not run_id:
         return
     try:
-        tracker.log_batch(run_id, metrics=payload["metrics"], tags={"test_attack": payload["test_attack"]})
+        tracker.log_summary(run_id, payload["metrics"], tags={"test_attack": payload["test_attack"]})
         tracker.log_file(run_id, path)
     except Exception as e:  # the numbers are saved in the trial folder anyway
         log.warning("could not log the test-split confirmation of trial %d to MLflow: %s", trial.number, e)
@@ -124,9 +124,9 @@ def _log_final(tracker: Any, run_id: str | None, trial: Any, report: Any, path: 
     p = TEST_PREFIX
     failed = [c.name for c in report.checks if not c.passed]
     try:
-        tracker.log_batch(run_id, metrics=front_files.final_metrics(report),
-                          tags={f"{p}suspect": str(report.suspect).lower(),
-                                f"{p}failed_checks": ", ".join(failed) or "none"})
+        tracker.log_summary(run_id, front_files.final_metrics(report),
+                            tags={f"{p}suspect": str(report.suspect).lower(),
+                                  f"{p}failed_checks": ", ".join(failed) or "none"})
         tracker.log_file(run_id, path)
     except Exception as e:  # the numbers are saved in the trial folder anyway
         log.warning("could not log the test-split suite evaluation of trial %d to MLflow: %s", trial.number, e)

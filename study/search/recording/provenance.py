@@ -50,7 +50,7 @@ def _without_credentials(url: str) -> str:
     """A remote's URL without a user name or token (https://user:token@host/... -> https://host/...)."""
     parts = urlsplit(url)
     if parts.scheme in ("http", "https") and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+        return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
     return url
 
 
