@@ -153,7 +153,7 @@ def test_killed_worker_reruns_from_its_checkpoint_and_a_raising_trial_fails_once
     assert hist["val_robust_acc"] == [4] and not {"step", "epoch", "stage"} & set(hist)
     # Tune recorded the failure and the rerun of that trial
     text = driver_log.read_text(errors="replace")
-    assert "trial_0000 errored" in text or "Trial trial_0000 errored" in text, tail(driver_log)
+    assert ("trial_0000 errored" in text or "Trial task failed for trial trial_0000" in text), tail(driver_log)
     print(f"\n[faults] killed-worker study in {time.perf_counter() - t0:.1f}s")
 
 

@@ -73,8 +73,8 @@ def log_trial_model(run_id: str, weights: Path, config: Mapping[str, Any], metri
                     tags: Mapping[str, str] | None = None, tracking_uri: str | None = None, step: int = 0,
                     name: str = "trial-model") -> str:
     """Log a trial's model to its MLflow run under `name` (the Models tab's name, e.g. quickstart-0003: not
-    `model`, the run's artifact folder of result.json, which MLflow would resolve to the logged model), its
-    metrics attached to the model at `step` (the trial's last step). `tracking_uri`: the store (default: MLflow's current one; the process's setting is restored after).
+    `model`, the run's artifact folder of result.json, which MLflow would resolve to the logged model), the
+    run's metrics at `step` (the trial's final report) and the rest of `metrics` attached to the model. `tracking_uri`: the store (default: MLflow's current one; the process's setting is restored after).
     Leaves the run FINISHED (the caller sets its final status). Returns the logged model's id."""
     import tempfile
 
@@ -96,9 +96,12 @@ def log_trial_model(run_id: str, weights: Path, config: Mapping[str, Any], metri
                                                artifacts={WEIGHTS: str(weights), CONFIG: str(cfg_file)},
                                                signature=sig, input_example=example,
                                                pip_requirements=_requirements(), tags=dict(tags or {}),
-                                               model_type="robust-pruned")
+                                               model_type="robust-pruned", step=int(step))
+                # MLflow attached the run's metrics at `step` (the trial's final report) to the model without
+                # logging them again; what the run lacks there is logged for the model (no point twice)
+                attached = {m.key for m in mlflow.MlflowClient().get_logged_model(info.model_id).metrics or []}
                 numeric = {k: float(v) for k, v in metrics.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in attached}
                 if numeric:
                     mlflow.log_metrics(numeric, step=int(step), model_id=info.model_id)
     finally:

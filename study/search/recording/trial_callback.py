@@ -153,7 +153,8 @@ class MlflowTrialCallback(Callback):
             result = json.loads((folder / "result.json").read_text())
             log_trial_model(run_id, folder / "model.pt", result["config"], result.get("metrics") or {},
                             tags={STUDY_TAG: self.study, NUMBER_KEY: str(number)},
-                            tracking_uri=self.tracker.tracking_uri, step=self._steps.get(run_id, 0),
+                            tracking_uri=self.tracker.tracking_uri,
+                            step=self._steps.get(run_id) or self.tracker.last_step(self.tracker.client.get_run(run_id)),
                             name=f"{self.study}-{number:04d}")
         except Exception as e:  # noqa: BLE001 - the trial's folder keeps the model; the run says why it lacks one
             reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
