@@ -122,6 +122,21 @@ def fake_run_trial(cfg, *, on_epoch=None, resume_state=None, fail=(), nan=(), in
                        "sparsity": 1 - keep, "wall_s": 0.1})
 
 
+def fit_briefly(model, sp, steps: int = 150) -> None:
+    """`steps` seeded Adam steps (lr 1e-2, batches of 64) of plain cross-entropy on `sp`'s training split:
+    a model that classifies, made in about a second (no attack)."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(sp.x_train), (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(sp.x_train[idx]), sp.y_train[idx]).backward()
+        opt.step()
+
+
 def logging_trial(cfg, *, log, inner, **kw):
     """Runs `inner`, first appending '<name> <resume step>' to the file `log` (trials run in workers)."""
     with open(log, "a") as f:

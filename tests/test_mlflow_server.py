@@ -7,11 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,43 +18,23 @@ from conftest import QUICKSTART
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`mlflow server` on a free port of 127.0.0.1, its own sqlite store and artifact folder."""
+    """`mlflow server` on a free port of 127.0.0.1 (one worker, as `study ui` starts it), its own sqlite store
+    and artifact folder."""
+    from test_multinode import free_port
+
+    from study.search.recording import ui
+
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield url, root
-    proc.terminate()
+    proc = ui.start_server(f"sqlite:///{root / 'mlflow.db'}", "127.0.0.1", port, str(root / "artifacts"))
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        ui.wait_ready(proc, url, timeout=120)
+        yield url, root
+    finally:
+        ui.stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_printer_writes_throttled_lines(capsys):
 def tiny():
     """A small_cnn (width 8) trained for 150 steps on digits: most test points survive eps 0.03."""
     import torch
-    import torch.nn.functional as F
+    from conftest import fit_briefly
 
     from study.trial.config import trial_from_dict
     from study.trial.data import load_dataset
@@ -118,13 +118,7 @@ def tiny():
     sp = load_dataset(cfg.data, "cpu")
     torch.manual_seed(0)
     model = create_model("small_cnn", sp.info, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        idx = torch.randint(len(sp.x_train), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(sp.x_train[idx]), sp.y_train[idx]).backward()
-        opt.step()
+    fit_briefly(model, sp)
     yield cfg, model.eval().state_dict(), sp
     torch.set_num_threads(threads)
 

@@ -19,7 +19,7 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
-from conftest import QUICKSTART, fake_pretrain, fake_run_trial, logging_trial
+from conftest import QUICKSTART, fake_pretrain, fake_run_trial, fit_briefly, logging_trial
 
 from analysis import pareto
 from study.search.optimize import optuna_search
@@ -174,7 +174,6 @@ def trained_model_trial(cfg, *, on_epoch=None, resume_state=None):
     second), with made-up size and validation figures: val_robust_acc is the same for every trial, so only
     the trial with the fewest params_kept is on the front."""
     import torch
-    import torch.nn.functional as F
 
     from study.trial.data import load_dataset
     from study.trial.models import create_model
@@ -183,13 +182,7 @@ def trained_model_trial(cfg, *, on_epoch=None, resume_state=None):
     torch.manual_seed(0)
     sp = load_dataset(cfg.data, "cpu")
     model = create_model(cfg.model.arch, sp.info, width=cfg.model.width)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        idx = torch.randint(len(sp.x_train), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(sp.x_train[idx]), sp.y_train[idx]).backward()
-        opt.step()
+    fit_briefly(model, sp)
     keep = cfg.prune.keep_fraction
     metrics = {"params_kept": float(round(10000 * keep)), "params_total": 10000.0, "val_clean_acc": 0.9,
                "val_robust_acc": 0.5}

@@ -24,6 +24,7 @@ import numpy as np
 WEIGHTS, CONFIG = "weights", "config"  # the artifact names of a logged trial model
 WEIGHT_FILE, CONFIG_FILE = "model.pt", "trial_config.json"  # their file names under the model's artifacts/
 CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 class TrialModel:
@@ -74,7 +75,8 @@ def log_trial_model(run_id: str, weights: Path, config: Mapping[str, Any], metri
                     name: str = "trial-model") -> str:
     """Log a trial's model to its MLflow run under `name` (the Models tab's name, e.g. quickstart-0003: not
     `model`, the run's artifact folder of result.json, which MLflow would resolve to the logged model), the
-    run's metrics at `step` (the trial's final report) and the rest of `metrics` attached to the model. `tracking_uri`: the store (default: MLflow's current one; the process's setting is restored after).
+    run's metrics at `step` (the trial's final report) and the rest of `metrics` attached to the model.
+    `tracking_uri`: the store (default: MLflow's current one; the process's setting is restored after).
     Leaves the run FINISHED (the caller sets its final status). Returns the logged model's id."""
     import tempfile
 
@@ -86,26 +88,23 @@ def log_trial_model(run_id: str, weights: Path, config: Mapping[str, Any], metri
     sig, example = signature(cfg)
     if Path(weights).name != WEIGHT_FILE:
         raise ValueError(f"{weights}: the weights file must be named {WEIGHT_FILE}")
-    quiet = _Quiet()  # MLflow's per-model INFO line and download progress bars, in the study driver's log
-    try:
-        with tempfile.TemporaryDirectory() as tmp, using_store(tracking_uri):
-            cfg_file = Path(tmp) / CONFIG_FILE
-            cfg_file.write_text(json.dumps(dict(config), indent=1))
-            with mlflow.start_run(run_id=run_id, nested=True):
-                info = mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE),
-                                               artifacts={WEIGHTS: str(weights), CONFIG: str(cfg_file)},
-                                               signature=sig, input_example=example,
-                                               pip_requirements=_requirements(), tags=dict(tags or {}),
-                                               model_type="robust-pruned", step=int(step))
-                # MLflow attached the run's metrics at `step` (the trial's final report) to the model without
-                # logging them again; what the run lacks there is logged for the model (no point twice)
-                attached = {m.key for m in mlflow.MlflowClient().get_logged_model(info.model_id).metrics or []}
-                numeric = {k: float(v) for k, v in metrics.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in attached}
-                if numeric:
-                    mlflow.log_metrics(numeric, step=int(step), model_id=info.model_id)
-    finally:
-        quiet.restore()
+    # _quiet: MLflow's per-model INFO line and download progress bars, in the study driver's log
+    with tempfile.TemporaryDirectory() as tmp, using_store(tracking_uri), _quiet():
+        cfg_file = Path(tmp) / CONFIG_FILE
+        cfg_file.write_text(json.dumps(dict(config), indent=1))
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE),
+                                           artifacts={WEIGHTS: str(weights), CONFIG: str(cfg_file)},
+                                           signature=sig, input_example=example,
+                                           pip_requirements=_requirements(), tags=dict(tags or {}),
+                                           model_type="robust-pruned", step=int(step))
+            # MLflow attached the run's metrics at `step` (the trial's final report) to the model without
+            # logging them again; what the run lacks there is logged for the model (no point twice)
+            attached = {m.key for m in mlflow.MlflowClient().get_logged_model(info.model_id).metrics or []}
+            numeric = {k: float(v) for k, v in metrics.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in attached}
+            if numeric:
+                mlflow.log_metrics(numeric, step=int(step), model_id=info.model_id)
     return info.model_id
 
 
@@ -124,33 +123,28 @@ def using_store(tracking_uri: str | None) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
-class _Quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """While a model is logged: MLflow's INFO lines ("Validating input example ...") and its artifact download
-    progress bars off (warnings stay); restore() puts back what was there."""
+    progress bars off (warnings stay); what was there is put back after."""
+    import logging
+    import os
 
-    LOGGERS = ("mlflow.pyfunc", "mlflow.models", "mlflow.models.model")
-    BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-    def __init__(self) -> None:
-        import logging
-        import os
-
-        self.levels = {n: logging.getLogger(n).level for n in self.LOGGERS}
-        for n in self.LOGGERS:
-            logging.getLogger(n).setLevel(max(logging.WARNING, self.levels[n]))
-        self.bar = os.environ.get(self.BAR)
-        os.environ[self.BAR] = "false"
-
-    def restore(self) -> None:
-        import logging
-        import os
-
-        for n, level in self.levels.items():
-            logging.getLogger(n).setLevel(level)
-        if self.bar is None:
-            os.environ.pop(self.BAR, None)
+    loggers = [logging.getLogger(n) for n in ("mlflow.pyfunc", "mlflow.models", "mlflow.models.model")]
+    levels = [lg.level for lg in loggers]
+    bar = os.environ.get(PROGRESS_BAR_ENV)
+    for lg, level in zip(loggers, levels):
+        lg.setLevel(max(logging.WARNING, level))
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
         else:
-            os.environ[self.BAR] = self.bar
+            os.environ[PROGRESS_BAR_ENV] = bar
 
 
 def _requirements() -> list[str]:

@@ -99,7 +99,7 @@ def finish_done_runs(st: Study, optuna_study: Any, tracker: Any) -> int:
                                       f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
     done = {t.number: t for t in optuna_study.get_trials(deepcopy=False, states=(
         TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))}
-    finished = 0
+    finished, outputs = 0, None
     for run in runs:
         number = run.data.tags.get(NUMBER_KEY, "")
         t = done.get(int(number)) if number.lstrip("-").isdigit() else None
@@ -108,7 +108,8 @@ def finish_done_runs(st: Study, optuna_study: Any, tracker: Any) -> int:
         run_id = run.info.run_id
         if t.state == TrialState.COMPLETE:
             if logged_model_of_run(tracker.client, tracker.experiment_id, run_id) is None:
-                callback(st, tracker).log_outputs(run_id, t.number)
+                outputs = outputs or callback(st, tracker)  # what logs a finished trial's outputs
+                outputs.log_outputs(run_id, t.number)
             tracker.finish(run_id, "FINISHED")
         elif t.state == TrialState.PRUNED:
             tracker.log_batch(run_id, tags={"optuna_state": "PRUNED",
@@ -167,8 +168,8 @@ def store_problem(tracking_uri: str) -> str | None:
 
 def relocate_store(tracking_uri: str, experiment: str, artifact_root: Path) -> bool:
     """A local MLflow store copied or moved with its runs folder still names the old folder as the artifact
-    location of its experiment, runs, logged models and model versions (MLflow stores them absolute): point them at `artifact_root`, so
-    artifacts of a copied study are never written into the original. Returns whether anything moved."""
+    location of its experiment, runs, logged models and model versions (MLflow stores them absolute): point
+    them at `artifact_root`, so artifacts of a copied study are never written into the original. Returns whether anything moved."""
     import logging
     import sqlite3
 
